@@ -1,0 +1,174 @@
+"""``diffsolve.sample``: run a registered sampler on a model, with every argument checked before the network
+is called."""
+
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .core import Run, SeededNoise, TimeGrid
+from .model import DiffusionModel
+from .registry import get_sampler
+from .schedules import GRIDS, time_grid
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SampleInfo:
+    """What ``sample(..., return_info=True)`` reports next to the samples."""
+
+    sampler: str
+    #: batched network evaluations of the run (a guided pass counts once)
+    nfe: int
+    #: network evaluations each sample took, for samplers that step per sample; else every sample took ``nfe``
+    nfe_per_sample: Tensor | None
+    #: the time grid used (float64), t_start first
+    grid: Tensor
+    #: wall-clock seconds of the sampling loop (ends with a device sync)
+    wall_time: float
+
+
+def _check_steps(steps, adaptive: bool, name: str) -> None:
+    if adaptive:
+        if steps is not None:
+            raise ValueError(f"sampler {name!r} chooses its own steps: pass steps=None (got {steps!r}) and set "
+                             "its tolerances instead")
+        return
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1 for sampler {name!r}, got {steps!r}")
+
+
+def _resolve_grid(model: DiffusionModel, steps, grid, t_start, t_end, default_kind: str) -> Tensor:
+    schedule = model.schedule
+    if grid is None or isinstance(grid, str):
+        kind = default_kind if grid is None else grid
+        if kind not in GRIDS:
+            raise ValueError(f"grid: expected one of {list(GRIDS)} or a tensor of times, got {kind!r}")
+        if kind in ("leading", "trailing", "linspace"):
+            if t_start is not None or t_end is not None:
+                raise ValueError(f"grid {kind!r} fixes its own endpoints; do not pass t_start/t_end with it")
+        else:
+            t_start = schedule.default_range[0] if t_start is None else float(t_start)
+            t_end = schedule.default_range[1] if t_end is None else float(t_end)
+            schedule.check_range(t_start, t_end)
+        return time_grid(schedule, steps, kind, t_start, t_end)
+    ts = torch.as_tensor(grid, dtype=torch.float64).reshape(-1).cpu()
+    if t_start is not None or t_end is not None:
+        raise ValueError("grid: an explicit tensor of times fixes t_start and t_end; do not pass them too")
+    if len(ts) != steps + 1:
+        raise ValueError(f"grid: expected steps + 1 = {steps + 1} times, got {len(ts)}")
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"grid: times must be strictly decreasing, got {ts.tolist()}")
+    schedule.check_range(float(ts[0]), float(ts[-1]))
+    return ts
+
+
+def _resolve_batch(model: DiffusionModel, shape, x_T, seeds) -> tuple[tuple[int, ...], Tensor]:
+    if x_T is not None:
+        if shape is not None:
+            raise ValueError("pass either shape or x_T, not both")
+        shape = tuple(x_T.shape)
+        if model.sample_shape is not None and shape[1:] != model.sample_shape:
+            raise ValueError(f"x_T: expected shape (batch, {', '.join(map(str, model.sample_shape))}) for this "
+                             f"model, got {tuple(x_T.shape)}")
+    elif shape is not None:
+        shape = tuple(int(s) for s in shape)
+        if model.sample_shape is not None and shape[1:] != model.sample_shape:
+            raise ValueError(f"shape: expected (batch, {', '.join(map(str, model.sample_shape))}) for this model, "
+                             f"got {shape}")
+    elif seeds is not None:
+        if model.sample_shape is None:
+            raise ValueError("shape: the model does not know its sample shape; pass shape=(batch, ...) or x_T")
+        shape = (len(seeds), *model.sample_shape)
+    else:
+        raise ValueError("pass shape=(batch, ...), seeds=[...] or x_T to say how many samples to draw")
+    batch = shape[0]
+    if batch < 1:
+        raise ValueError(f"shape: the batch size must be >= 1, got {shape}")
+    seeds_t = torch.arange(batch, dtype=torch.int64) if seeds is None else torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+    if len(seeds_t) != batch:
+        raise ValueError(f"seeds: expected one seed per sample ({batch}), got {len(seeds_t)}")
+    return shape, seeds_t
+
+
+def sample(
+    model: DiffusionModel,
+    sampler: str,
+    steps: int | None,
+    *,
+    shape: Sequence[int] | None = None,
+    x_T: Tensor | None = None,
+    seeds: Sequence[int] | Tensor | None = None,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    grid: str | Tensor | None = None,
+    class_labels: Sequence[int] | Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    progress: bool = False,
+    callback: Callable | None = None,
+    return_info: bool = False,
+    **options,
+):
+    """Draw samples with a registered sampler.
+
+    Args:
+        model: a :class:`~diffsolve.DiffusionModel` (``load_model`` returns one).
+        sampler: a registered name (``list_samplers()``).
+        steps: number of steps of fixed-grid samplers; ``None`` for adaptive ones.
+        shape: full shape ``(batch, *sample_shape)``; or give ``seeds`` (batch = their count) or ``x_T``.
+        x_T: the starting noise; default σ-scaled N(0, I) drawn per sample from ``seeds``.
+        seeds: one integer per sample; sample k depends only on ``seeds[k]`` (default 0 … batch−1).
+        t_start, t_end: sampling interval (default: the schedule's ``default_range``); ``t_end = 0`` lands
+            on the denoised sample with a final first-order step.
+        grid: a grid kind (``schedules.GRIDS``; default: the sampler's) or an explicit decreasing tensor of
+            ``steps + 1`` times.
+        class_labels, guidance_scale: class conditioning and classifier-free guidance.
+        callback: ``callback(step, t, x, x0_pred)`` after every step.
+        return_info: also return a :class:`SampleInfo`.
+        **options: the sampler's options (``diffsolve samplers`` lists them); unknown ones are an error.
+    """
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model: expected a diffsolve DiffusionModel (see load_model), got {type(model).__name__}")
+    spec = get_sampler(sampler)
+    spec.check_options(options)
+    _check_steps(steps, spec.adaptive, spec.name)
+    if spec.adaptive:
+        if grid is not None:
+            raise ValueError(f"sampler {spec.name!r} is adaptive and takes no grid")
+        t_start = model.schedule.default_range[0] if t_start is None else float(t_start)
+        t_end = model.schedule.default_range[1] if t_end is None else float(t_end)
+        model.schedule.check_range(t_start, t_end)
+        ts = torch.tensor([t_start, t_end], dtype=torch.float64)
+    else:
+        ts = _resolve_grid(model, steps, grid, t_start, t_end, spec.default_grid)
+    shape, seeds_t = _resolve_batch(model, shape, x_T, seeds)
+    labels = model.check_conditioning(shape[0], class_labels, float(guidance_scale))
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
+
+    device = model.device if x_T is None else x_T.device
+    dtype = (model.dtype or torch.float32) if x_T is None else x_T.dtype
+    noise = SeededNoise(seeds_t, device=device)
+    grid_ = TimeGrid(model.schedule, ts)
+    if x_T is None:
+        prior_std = 1.0 if model.schedule.is_vp else float(grid_.sigma[0])
+        x_T = prior_std * noise.normal(shape[1:], step=-1, dtype=dtype)
+    run = Run(model, grid_, noise, class_labels=labels, guidance_scale=float(guidance_scale), callback=callback,
+              progress=progress, device=device)
+    nfe_before = model.nfe
+    start = time.perf_counter()
+    with torch.no_grad():
+        x = spec.fn(run, x_T, **options)
+    run.check_finite()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    wall = time.perf_counter() - start
+    if not return_info:
+        return x
+    return x, SampleInfo(spec.name, model.nfe - nfe_before, getattr(run, "nfe_per_sample", None),
+                         torch.as_tensor(run.grid.t), wall)

@@ -1,0 +1,212 @@
+"""The stepping core shared by every sampler and solver.
+
+- :class:`SeededNoise`: per-sample Gaussian noise from integer seeds, batch-size invariant and identical on
+  CPU and GPU (counter-based: splitmix64 over (seed, stream, element index), so no Python loop over samples).
+- :class:`TimeGrid`: the time grid with α, σ, λ computed once per run in float64 on the host; samplers read
+  their step coefficients from it as Python floats, so a step never synchronises with the device.
+- :class:`Run`: what a sampler receives: the model evaluation at grid points, noise, the step loop with
+  progress bar and ``callback(step, t, x, x0_pred)``, and a non-finite check that costs no per-step sync
+  (a device-side flag, read once at the end, that names the first bad step).
+- Shared exponential-integrator math: :func:`phi` (φ-functions), :class:`History` (multistep buffer),
+  :func:`multistep_order` (warm-up and lower-order-final rules).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .model import DiffusionModel, Prediction, _expand
+from .schedules import NoiseSchedule
+
+Tensor = torch.Tensor
+
+# ---- counter-based per-sample noise -------------------------------------------------------------------
+
+
+def _signed(c: int) -> int:
+    """A Python integer taken mod 2^64, as the int64 with the same bits."""
+    c %= 1 << 64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shift_right(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64_mix(z: Tensor) -> Tensor:
+    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic = the uint64 original)."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+class SeededNoise:
+    """Standard normal noise for a batch, where sample k depends only on ``seeds[k]``.
+
+    ``normal(step, sub)`` returns a fresh draw for stream (step, sub): x_T uses step −1, a stochastic sampler
+    step i uses step i (sub-streams for several draws per step). Values come from splitmix64 hashes of
+    (seed, step, sub, element index) mapped to N(0, 1) through the inverse error function in float64, so
+    they are the same for any batch size and on any device.
+    """
+
+    def __init__(self, seeds: Sequence[int] | Tensor, device: torch.device | str = "cpu"):
+        self.seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).to(device)
+        self.device = torch.device(device)
+        self._keys = splitmix64_mix(self.seeds + _GOLDEN)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def normal(self, shape: Sequence[int], step: int = -1, sub: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Noise of shape ``(batch, *shape)``."""
+        n = math.prod(shape)
+        key = splitmix64_mix(self._keys + _signed((step + 2) * _GOLDEN))
+        key = splitmix64_mix(key + _signed((sub + 1) * _GOLDEN))
+        idx = torch.arange(1, n + 1, dtype=torch.int64, device=self.device)
+        z = splitmix64_mix(key[:, None] + idx[None, :] * _GOLDEN)
+        u = (_shift_right(z, 11).to(torch.float64) + 0.5) * 2.0**-53  # uniform in (0, 1)
+        out = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+        return out.reshape(len(self.seeds), *shape).to(dtype)
+
+
+# ---- exponential-integrator math -------------------------------------------------------------------
+
+
+def phi(k: int, h: float) -> float:
+    """φ_k(h) = Σ_j h^j/(j + k)!: φ_0 = e^h, φ_1 = (e^h − 1)/h, φ_{k+1} = (φ_k − 1/k!)/h.
+
+    The recurrence loses digits for small |h| (cancellation), so there the Taylor series is summed.
+    """
+    if k == 0:
+        return math.exp(h)
+    if abs(h) > 0.5:
+        value = math.expm1(h) / h
+        for j in range(1, k):
+            value = (value - 1.0 / math.factorial(j)) / h
+        return value
+    term, total = 1.0 / math.factorial(k), 0.0
+    for j in range(30):
+        total += term
+        term *= h / (j + k + 1)
+    return total
+
+
+def multistep_order(i: int, steps: int, order: int, lower_order_final: bool, final_to_zero: bool) -> int:
+    """The order a multistep solver uses at step i (0-based) of ``steps``: warm-up min(order, i + 1); with
+    ``lower_order_final`` and fewer than 15 steps, order ≤ 1 at the last and ≤ 2 at the second-to-last
+    step (diffusers' rule, for stability at few steps); a last step onto σ = 0 (h = ∞) is always first order."""
+    p = min(order, i + 1)
+    if i == steps - 1 and (final_to_zero or (lower_order_final and steps < 15)):
+        p = 1
+    elif i == steps - 2 and lower_order_final and steps < 15:
+        p = min(p, 2)
+    return p
+
+
+@dataclass
+class History:
+    """The last few model outputs of a multistep method, newest first, with their λ."""
+
+    size: int
+    lambdas: list[float] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+
+    def push(self, lam: float, value: Tensor) -> None:
+        self.lambdas.insert(0, lam)
+        self.values.insert(0, value)
+        del self.lambdas[self.size:], self.values[self.size:]
+
+
+# ---- time grid and run context -----------------------------------------------------------------------
+
+
+class TimeGrid:
+    """A decreasing time grid t_0 > … > t_N with α, σ, λ at each point (host float64, computed once)."""
+
+    def __init__(self, schedule: NoiseSchedule, t: Tensor | np.ndarray | Sequence[float]):
+        t64 = torch.as_tensor(np.asarray(t, dtype=np.float64))
+        self.t = t64.numpy()
+        self.alpha = schedule.alpha(t64).numpy()
+        self.sigma = schedule.sigma(t64).numpy()
+        with np.errstate(divide="ignore"):
+            self.lam = np.log(self.alpha) - np.log(self.sigma)  # +∞ where σ = 0 (t = 0)
+        self.schedule = schedule
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+    def h(self, i: int) -> float:
+        """λ_{i+1} − λ_i (∞ for a last step onto σ = 0)."""
+        return float(self.lam[i + 1] - self.lam[i])
+
+
+class Run:
+    """One sampling run: what a sampler function receives besides x and its options.
+
+    Attributes: ``model``, ``grid`` (:class:`TimeGrid`), ``noise`` (:class:`SeededNoise`), ``batch``.
+    """
+
+    def __init__(
+        self, model: DiffusionModel, grid: TimeGrid, noise: SeededNoise, *, class_labels: Tensor | None = None,
+        guidance_scale: float = 1.0, callback: Callable | None = None, progress: bool = False, device=None,
+    ):
+        self.model, self.grid, self.noise = model, grid, noise
+        self.class_labels, self.guidance_scale = class_labels, guidance_scale
+        self.callback, self.progress = callback, progress
+        self.batch = len(noise)
+        self._t_device = torch.as_tensor(grid.t, device=device)
+        self._first_bad_step: Tensor | None = None
+
+    def predict(self, x: Tensor, i: int) -> Prediction:
+        """(ε̂, x̂0) at grid point i."""
+        return self.predict_at(x, self._t_device[i].to(x.dtype).expand(x.shape[0]))
+
+    def predict_at(self, x: Tensor, t: Tensor) -> Prediction:
+        """(ε̂, x̂0) at per-sample times ``t`` of shape (batch,)."""
+        return self.model.predict(x, t, self.class_labels, self.guidance_scale)
+
+    def randn_like(self, x: Tensor, step: int, sub: int = 0) -> Tensor:
+        return self.noise.normal(x.shape[1:], step=step, sub=sub, dtype=x.dtype).to(x.device)
+
+    def steps(self, desc: str = "sampling"):
+        """The step indices 0 … N−1, with a progress bar when asked."""
+        return tqdm(range(self.grid.steps), desc=desc, disable=not self.progress, leave=False)
+
+    def step_done(self, i: int, x: Tensor, x0_pred: Tensor | None = None) -> None:
+        """Call after step i: runs the callback and records (on the device) whether x became non-finite."""
+        bad = ~torch.isfinite(x).all()
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=x.device)
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), i, self._first_bad_step)
+        if self.callback is not None:
+            self.callback(i, float(self.grid.t[i + 1]), x, x0_pred)
+
+    def check_finite(self) -> None:
+        """One host sync at the end: raise if any step produced NaN/Inf, naming the first."""
+        if self._first_bad_step is not None:
+            first = int(self._first_bad_step)
+            if first >= 0:
+                raise FloatingPointError(
+                    f"the sampler produced NaN/Inf at step {first} (t = {self.grid.t[first]:.6g} → "
+                    f"{self.grid.t[first + 1]:.6g}); try more steps, a lower order, or a later t_end")
+
+
+def scale(c: float | Tensor, x: Tensor) -> float | Tensor:
+    """A step coefficient against x: Python floats pass through, per-sample tensors broadcast."""
+    return _expand(c, x).to(x.dtype) if isinstance(c, Tensor) else c

@@ -1,0 +1,166 @@
+"""The model wrapper every sampler and solver calls: a network plus its noise schedule and prediction type.
+
+``DiffusionModel(net, schedule, prediction)`` turns any network output (ε, x0, v or score) into the pair
+(ε̂, x̂0) at continuous time t, applies classifier-free guidance with the conditional and unconditional passes
+batched into one forward, and counts network evaluations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .schedules import NoiseSchedule
+
+Tensor = torch.Tensor
+
+PREDICTIONS = ("epsilon", "x0", "v", "score")
+_ALIASES = {"sample": "x0", "v_prediction": "v", "eps": "epsilon"}
+
+
+@dataclass
+class Prediction:
+    """The model's estimate at (x, t): noise ε̂ and clean data x̂0 with x = α x̂0 + σ ε̂."""
+
+    eps: Tensor
+    x0: Tensor
+
+
+def _expand(c: Tensor, x: Tensor) -> Tensor:
+    """A per-sample coefficient of shape (batch,) broadcast against x."""
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+class DiffusionModel:
+    """A denoising network with its schedule.
+
+    Args:
+        net: a diffusers ``UNet2DModel`` (it receives the discrete timestep its training used:
+            ``schedule.model_time(t)``), or any callable ``net(x, t)`` / ``net(x, t, class_labels)``
+            receiving continuous time ``t`` of shape ``(batch,)``.
+        schedule: the noise schedule the network was trained with.
+        prediction: what the network outputs: ``"epsilon"``, ``"x0"`` (diffusers' ``"sample"``), ``"v"``
+            (``"v_prediction"``) or ``"score"`` (∇ log p_t). With 2·C output channels for C input channels
+            (learned variance) the first C are used.
+        num_classes: number of real classes of a class-conditional network (read from a UNet's
+            ``num_class_embeds`` − 1 when not given); ``None`` for an unconditional one.
+        null_class: the label of the unconditional ("null") class used for guidance and for sampling without
+            labels; defaults to ``num_classes`` (the last embedding).
+        sample_shape: the shape of one sample, ``(C, H, W)`` (read from a UNet's config when not given).
+    """
+
+    def __init__(
+        self, net: Callable, schedule: NoiseSchedule, prediction: str = "epsilon", *,
+        num_classes: int | None = None, null_class: int | None = None, sample_shape: tuple[int, ...] | None = None,
+    ):
+        prediction = _ALIASES.get(prediction, prediction)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {list(PREDICTIONS)} (or diffusers' 'sample', "
+                             f"'v_prediction'), got {prediction!r}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a diffsolve NoiseSchedule, got {type(schedule).__name__}")
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+        config = getattr(net, "config", None)
+        self.is_diffusers = config is not None and hasattr(net, "forward") and "sample_size" in config
+        if self.is_diffusers:
+            if num_classes is None and config.get("num_class_embeds"):
+                num_classes = int(config["num_class_embeds"]) - 1
+            if sample_shape is None:
+                size = config["sample_size"]
+                size = (size, size) if isinstance(size, int) else tuple(size)
+                sample_shape = (int(config["in_channels"]), *size)
+        self.num_classes = num_classes
+        self.null_class = (num_classes if null_class is None else null_class) if num_classes is not None else None
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
+        self.nfe = 0
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+    def reset_nfe(self) -> None:
+        self.nfe = 0
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.net.parameters(), None) if isinstance(self.net, torch.nn.Module) else None
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        p = next(self.net.parameters(), None) if isinstance(self.net, torch.nn.Module) else None
+        return p.dtype if p is not None else None
+
+    def check_conditioning(self, batch: int, class_labels, guidance_scale: float) -> Tensor | None:
+        """Validate ``class_labels``/``guidance_scale`` for a batch; returns labels as a tensor (or None)."""
+        if class_labels is None:
+            if guidance_scale != 1.0:
+                raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (guidance mixes the "
+                                 "conditional and unconditional predictions)")
+            return None
+        if self.num_classes is None:
+            raise ValueError("class_labels were given, but the model is not class-conditional")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch)
+        if labels.numel() != batch:
+            raise ValueError(f"class_labels: expected 1 or {batch} labels (one per sample), got {labels.numel()}")
+        valid = (labels >= 0) & (labels <= self.num_classes)
+        if not bool(valid.all()):
+            raise ValueError(f"class_labels: expected integers in [0, {self.num_classes}] "
+                             f"({self.num_classes} is the null class), got {labels.tolist()}")
+        return labels
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        dtype = self.dtype or x.dtype
+        if self.is_diffusers:
+            kwargs = {} if labels is None else {"class_labels": labels}
+            out = self.net(x.to(dtype), self.schedule.model_time(t).to(dtype), **kwargs).sample
+        else:
+            out = self.net(x, t) if labels is None else self.net(x, t, labels)
+        if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+            out = out[:, : x.shape[1]]
+        return out.to(x.dtype)
+
+    def output(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
+        """The raw network output at continuous time ``t`` (shape ``(batch,)``), guided if asked.
+
+        A class-conditional model without labels gets its null class. Guidance: out_u + w (out_c − out_u),
+        one batched forward of 2·batch samples; it commutes with the (affine) conversions below.
+        """
+        if self.num_classes is not None and class_labels is None:
+            class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        self.nfe += 1
+        if class_labels is None or guidance_scale == 1.0:
+            labels = None if class_labels is None else class_labels.to(x.device)
+            return self._forward(x, t, labels)
+        null = torch.full_like(class_labels, self.null_class)
+        both = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]).to(x.device))
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def predict(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Prediction:
+        """(ε̂, x̂0) at ``(x, t)``: the single place where prediction types are converted."""
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        out = self.output(x, t, class_labels, guidance_scale)
+        alpha, sigma = _expand(self.schedule.alpha(t), x).to(x.dtype), _expand(self.schedule.sigma(t), x).to(x.dtype)
+        if self.prediction == "epsilon":
+            eps = out
+            x0 = (x - sigma * eps) / alpha
+        elif self.prediction == "x0":
+            x0 = out
+            eps = (x - alpha * x0) / sigma
+        elif self.prediction == "v":  # v = α ε − σ x0; α² + σ² = 1 for VP, kept general for VE
+            norm = alpha**2 + sigma**2
+            x0 = (alpha * x - sigma * out) / norm
+            eps = (sigma * x + alpha * out) / norm
+        else:  # score = −ε/σ
+            eps = -sigma * out
+            x0 = (x - sigma * eps) / alpha
+        return Prediction(eps=eps, x0=x0)
+
+    def __repr__(self) -> str:
+        net = type(self.net).__name__
+        return (f"DiffusionModel(net={net}, schedule={self.schedule!r}, prediction={self.prediction!r}, "
+                f"num_classes={self.num_classes}, sample_shape={self.sample_shape})")

@@ -1,0 +1,66 @@
+"""The sampler registry: ``register_sampler`` (decorator), ``get_sampler``, ``list_samplers``.
+
+A sampler is a function ``fn(run, x, *, option=default, ...) -> x`` in the style of k-diffusion's
+``sampling.py``: ``run`` (:class:`diffsolve.core.Run`) carries the model, the time grid, noise, callback and
+progress; ``x`` is x_T; the keyword-only parameters are the sampler's options, checked by name and
+reported by ``diffsolve samplers``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    fn: Callable
+    #: option name → default value
+    options: dict[str, Any]
+    #: the grid kind used when ``sample`` gets no ``grid``
+    default_grid: str
+    #: adaptive samplers choose their own steps (``steps`` must be None)
+    adaptive: bool
+    summary: str
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            valid = ", ".join(self.options) or "none"
+            raise TypeError(f"sampler {self.name!r} got unknown option(s) {unknown}; its options are: {valid}")
+
+
+_REGISTRY: dict[str, SamplerSpec] = {}
+
+
+def register_sampler(name: str, *, default_grid: str = "time_uniform", adaptive: bool = False):
+    """Register ``fn(run, x, *, ...)`` under ``name``."""
+
+    def decorate(fn: Callable) -> Callable:
+        params = list(inspect.signature(fn).parameters.values())
+        if len(params) < 2 or any(p.kind is not p.KEYWORD_ONLY for p in params[2:]):
+            raise TypeError(f"sampler {name!r}: expected fn(run, x, *, options...), got {inspect.signature(fn)}")
+        options = {p.name: p.default for p in params[2:]}
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        _REGISTRY[name] = SamplerSpec(name, fn, options, default_grid, adaptive, summary)
+        return fn
+
+    return decorate
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    _load_builtin()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def list_samplers() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from . import samplers  # noqa: F401  (registers the built-in samplers on import)

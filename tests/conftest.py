@@ -1,0 +1,25 @@
+import os
+
+# Tests never touch the network: huggingface_hub reads this at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_tiny_unet(seed: int = 0, num_class_embeds: int | None = None, out_channels: int = 3):
+    """A randomly initialised diffusers UNet2DModel small enough for CPU unit tests."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=out_channels, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8, num_class_embeds=num_class_embeds,
+    )
+    return unet.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_tiny_unet()
