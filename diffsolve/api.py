@@ -33,7 +33,7 @@ class SampleInfo:
     wall_time: float
 
 
-def _check_steps(steps, adaptive: bool, name: str) -> None:
+def check_steps(steps, adaptive: bool, name: str) -> None:
     if adaptive:
         if steps is not None:
             raise ValueError(f"sampler {name!r} chooses its own steps: pass steps=None (got {steps!r}) and set "
@@ -136,7 +136,7 @@ def sample(
         raise TypeError(f"model: expected a diffsolve DiffusionModel (see load_model), got {type(model).__name__}")
     spec = get_sampler(sampler)
     spec.check_options(options)
-    _check_steps(steps, spec.adaptive, spec.name)
+    check_steps(steps, spec.adaptive, spec.name)
     if spec.adaptive:
         if grid is not None:
             raise ValueError(f"sampler {spec.name!r} is adaptive and takes no grid")

@@ -159,7 +159,7 @@ class VPCosine(NoiseSchedule):
         return (t + self.s) / (1.0 + self.s) * math.pi / 2.0
 
     def _log_alpha(self, t):
-        return torch.log(torch.cos(self._angle(t))) - self._log_alpha_0
+        return (torch.log(torch.cos(self._angle(t))) - self._log_alpha_0).clamp(max=0.0)  # round-off at t = 0
 
     def _dlog_alpha_dt(self, t):
         return -torch.tan(self._angle(t)) * math.pi / (2.0 * (1.0 + self.s))
@@ -318,19 +318,19 @@ def time_grid(
     t_start = schedule.default_range[0] if t_start is None else float(t_start)
     t_end = schedule.default_range[1] if t_end is None else float(t_end)
     if kind == "time_uniform":
-        return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
-    if kind == "time_quadratic":
-        return torch.linspace(t_start**0.5, t_end**0.5, steps + 1, dtype=torch.float64) ** 2
-    if t_end == 0:
-        raise ValueError(f"grid {kind!r} is uniform in a function of λ and cannot end at t_end=0 (λ = +∞)")
-    lam = schedule.lambda_(torch.tensor([t_start, t_end], dtype=torch.float64))
-    if kind == "logSNR":
-        lams = torch.linspace(float(lam[0]), float(lam[1]), steps + 1, dtype=torch.float64)
-    else:  # karras: ρ-polynomial in the VE noise level σ/α = e^{−λ}
-        s_max, s_min = torch.exp(-lam[0]), torch.exp(-lam[1])
-        ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-        sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        lams = -torch.log(sig)
-    ts = schedule.t_from_lambda(lams)
-    ts[0], ts[-1] = t_start, t_end  # exact endpoints despite round-off in t(λ)
+        ts = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+    elif kind == "time_quadratic":
+        ts = torch.linspace(t_start**0.5, t_end**0.5, steps + 1, dtype=torch.float64) ** 2
+    else:
+        if t_end == 0:
+            raise ValueError(f"grid {kind!r} is uniform in a function of λ and cannot end at t_end=0 (λ = +∞)")
+        lam = schedule.lambda_(torch.tensor([t_start, t_end], dtype=torch.float64))
+        if kind == "logSNR":
+            lams = torch.linspace(float(lam[0]), float(lam[1]), steps + 1, dtype=torch.float64)
+        else:  # karras: ρ-polynomial in the VE noise level σ/α = e^{−λ}
+            s_max, s_min = torch.exp(-lam[0]), torch.exp(-lam[1])
+            ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+            lams = -torch.log((s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho)
+        ts = schedule.t_from_lambda(lams)
+    ts[0], ts[-1] = t_start, t_end  # exact endpoints despite round-off
     return ts

@@ -39,7 +39,7 @@ def _col(c: Tensor) -> Tensor:
 
 def _check_positive(v: Tensor, name: str) -> None:
     if not bool((torch.isfinite(v) & (v > 0)).all()):
-        raise ValueError(f"{name}: expected finite values > 0, got {v.tolist()}")
+        raise ValueError(f"{name}: expected finite values > 0, got min {v.min().item():g}")
 
 
 class GaussianMixture:
@@ -169,7 +169,8 @@ class GaussianMixture:
             a, s = self._alpha_sigma(t, x)
             x64 = x.to(F64)
             if model.prediction == "v":
-                out = _col(a) * self.eps_from_alpha_sigma(x64, a, s) - _col(s) * self.x0_mean_from_alpha_sigma(x64, a, s)
+                eps, x0 = self.eps_from_alpha_sigma(x64, a, s), self.x0_mean_from_alpha_sigma(x64, a, s)
+                out = _col(a) * eps - _col(s) * x0
             else:
                 fn = {"epsilon": self.eps_from_alpha_sigma, "x0": self.x0_mean_from_alpha_sigma,
                       "score": self.score_from_alpha_sigma}[model.prediction]
@@ -203,7 +204,8 @@ class GaussianMixture:
         alone (``schedule.alpha_sigma_from_lambda``): d log σ/dλ = −α² for VP (σ² = sigmoid(−2λ)) and −1 for
         EDM (α = 1, σ = e^{−λ}). The whole batch is one state vector integrated by ``solve_ivp`` (DOP853,
         rtol = atol = 1e-12) with a vectorised numpy right-hand side (E[x_0 | x] as in
-        :meth:`x0_mean_from_alpha_sigma`; numpy avoids torch's per-call overhead over the ~10³ calls). Both times must be > 0: t = 0 is λ = +∞ (use a small t_end instead).
+        :meth:`x0_mean_from_alpha_sigma`; numpy avoids torch's per-call overhead over the ~10³ calls).
+        Both times must be > 0: t = 0 is λ = +∞ (use a small t_end instead).
         """
         t_start, t_end = float(t_start), float(t_end)
         if not (t_start > 0 and t_end > 0):
@@ -263,7 +265,8 @@ class GaussianMixture:
         r = torch.linalg.solve_triangular(L, (y[..., None, :] - self.means @ A.T)[..., None], upper=False)
         means = self.means + (W.mT @ r).squeeze(-1)  # (…, K, D)
         # log N(y; A μ_k, C_k) up to the constant −M/2 log 2π, which the normalisation removes
-        log_w = torch.log(self.weights) - 0.5 * (r.squeeze(-1) ** 2).sum(-1) - torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
+        log_det = 2 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
+        log_w = torch.log(self.weights) - 0.5 * ((r.squeeze(-1) ** 2).sum(-1) + log_det)
         return GaussianMixturePosterior(torch.softmax(log_w, -1), means, cov)
 
 
@@ -290,12 +293,14 @@ class GaussianMixturePosterior:
 
     def sample(self, n: int, seed: int = 0) -> Tensor:
         """n exact samples per measurement: (n, D), or (B, n, D) for a batch. Each Σ_k is factored by its
-        eigendecomposition, so the singular covariances of a noiseless measurement are fine too."""
+        eigendecomposition, so the singular covariances of a noiseless measurement are fine too: eigenvalues
+        below 1e6·eps·max (round-off; scipy's ``multivariate_normal`` cut-off) count as 0."""
         g = torch.Generator().manual_seed(seed)
         k_, d_ = self.means.shape[-2:]
         weights, means = self.weights.reshape(-1, k_), self.means.reshape(-1, k_, d_)
         evals, evecs = torch.linalg.eigh(self.covariances)
-        root = evecs * evals.clamp(min=0).sqrt()[..., None, :]  # root rootᵀ = Σ_k
+        evals = torch.where(evals > 1e6 * torch.finfo(F64).eps * evals.amax(-1, keepdim=True), evals, 0.0)
+        root = evecs * evals.sqrt()[..., None, :]  # root rootᵀ = Σ_k
         k = torch.multinomial(weights, n, replacement=True, generator=g)  # (B, n)
         z = torch.randn(*k.shape, d_, 1, generator=g, dtype=F64)
         x = means[torch.arange(len(means))[:, None], k] + (root[k] @ z).squeeze(-1)
