@@ -59,7 +59,9 @@ def discrete_grid(scheduler):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("order,solver_type,steps", [(2, "midpoint", 10), (2, "heun", 20), (3, "heun", 10), (3, "heun", 20), (1, "midpoint", 10)])
+# Order 3 is not compared: diffusers' 3M drops the factor 2 on its D2 term (see samplers/dpm_solver_pp.py);
+# tests/test_convergence.py judges both third-order updates against the exact ODE solution instead.
+@pytest.mark.parametrize("order,solver_type,steps", [(2, "midpoint", 10), (2, "heun", 20), (2, "midpoint", 20), (1, "midpoint", 10)])
 def test_dpm_solver_pp_matches_diffusers(tiny_unet, prediction_type, order, solver_type, steps):
     scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", prediction_type=prediction_type,
                                             algorithm_type="dpmsolver++", solver_order=order, solver_type=solver_type)
