@@ -1,0 +1,101 @@
+"""Sampler overhead: wall time of ``diffsolve.sample`` divided by (network evaluations × the time of one bare
+network call), next to the same ratio for diffusers' scheduler loop, in one run.
+
+    python benchmarks/overhead.py [--batch 64 --steps 20 --repeats 5 --device cpu]
+
+A ratio of 1.00 means the sampler adds nothing to the network's own cost; the target is ≤ 1.05. The network
+is a tiny random UNet2DModel (the overhead is largest relative to a small network). Each figure is the
+median of ``--repeats`` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+
+from diffsolve import DiffusionModel, sample
+from diffsolve.schedules import DiscreteVP
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval().requires_grad_(False)
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    def once():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    once()  # warm-up
+    return statistics.median(once() for _ in range(repeats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--samplers", nargs="+", default=None, help="default: all registered fixed-grid samplers")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+
+    unet = tiny_unet().to(device)
+    config = dict(beta_schedule="linear")
+    model = DiffusionModel(unet, DiscreteVP.from_config(config))
+    x = torch.randn(args.batch, 1, 16, 16, device=device)
+    t = torch.full((args.batch,), 500, device=device)
+
+    with torch.no_grad():
+        call = timed(lambda: unet(x, t), args.repeats * 4, device)
+
+    def diffusers_loop(scheduler):
+        def run():
+            scheduler.set_timesteps(args.steps, device=device)
+            y = x.clone()
+            with torch.no_grad():
+                for ts in scheduler.timesteps:
+                    y = scheduler.step(unet(y, ts).sample, ts, y).prev_sample
+        return run
+
+    import diffsolve
+
+    names = args.samplers or [n for n in diffsolve.list_samplers() if not diffsolve.get_sampler(n).adaptive]
+    rows = []
+    for name in names:
+        model.reset_nfe()
+        sample(model, name, args.steps, x_T=x)
+        nfe = model.nfe
+        wall = timed(lambda: sample(model, name, args.steps, x_T=x), args.repeats, device)
+        rows.append((f"diffsolve {name}", nfe, wall, wall / (nfe * call)))
+    for label, scheduler in [("diffusers DDIMScheduler", DDIMScheduler(**config)),
+                             ("diffusers DPMSolverMultistepScheduler", DPMSolverMultistepScheduler(**config))]:
+        wall = timed(diffusers_loop(scheduler), args.repeats, device)
+        rows.append((label, args.steps, wall, wall / (args.steps * call)))
+
+    print(f"device {device}, batch {args.batch}, {args.steps} steps; one bare UNet call: {call * 1e3:.2f} ms\n")
+    print("| sampler | NFE | wall (s) | wall / (NFE × call) |")
+    print("|---|---|---|---|")
+    for label, nfe, wall, ratio in rows:
+        print(f"| {label} | {nfe} | {wall:.4f} | {ratio:.3f} |")
+    ref = {r[0]: r[3] for r in rows}
+    print(f"\nratio diffsolve dpm_solver_pp / diffusers DPMSolverMultistepScheduler: "
+          f"{ref['diffsolve dpm_solver_pp'] / ref['diffusers DPMSolverMultistepScheduler']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
