@@ -1,13 +1,13 @@
 """diffsolve: fast samplers for pretrained diffusion models and diffusion-based inverse-problem solvers."""
 
 from . import schedules
-from .api import SampleInfo, sample
+from .api import Inversion, SampleInfo, invert, sample
 from .model import DiffusionModel, Prediction
 from .registry import get_sampler, list_samplers, register_sampler
 from .loading import load_model
 
 __all__ = [
-    "DiffusionModel", "Prediction", "SampleInfo", "get_sampler", "list_samplers", "load_model",
+    "DiffusionModel", "Inversion", "Prediction", "SampleInfo", "get_sampler", "invert", "list_samplers", "load_model",
     "register_sampler", "sample", "schedules",
 ]
 __version__ = "0.1.0"

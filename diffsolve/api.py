@@ -12,7 +12,7 @@ import torch
 
 from .core import Run, SeededNoise, TimeGrid
 from .model import DiffusionModel
-from .registry import get_sampler
+from .registry import get_sampler, list_samplers
 from .schedules import GRIDS, time_grid
 
 Tensor = torch.Tensor
@@ -132,10 +132,7 @@ def sample(
         return_info: also return a :class:`SampleInfo`.
         **options: the sampler's options (``diffsolve samplers`` lists them); unknown ones are an error.
     """
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model: expected a diffsolve DiffusionModel (see load_model), got {type(model).__name__}")
-    spec = get_sampler(sampler)
-    spec.check_options(options)
+    spec = _check_model_and_sampler(model, sampler, options)
     check_steps(steps, spec.adaptive, spec.name)
     if spec.adaptive:
         if grid is not None:
@@ -153,22 +150,94 @@ def sample(
 
     device = model.device if x_T is None else x_T.device
     dtype = (model.dtype or torch.float32) if x_T is None else x_T.dtype
-    noise = SeededNoise(seeds_t, device=device)
-    grid_ = TimeGrid(model.schedule, ts)
+    run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(seeds_t, device=device), class_labels=labels,
+              guidance_scale=float(guidance_scale), callback=callback, progress=progress, device=device)
     if x_T is None:
-        prior_std = 1.0 if model.schedule.is_vp else float(grid_.sigma[0])
-        x_T = prior_std * noise.normal(shape[1:], step=-1, dtype=dtype)
-    run = Run(model, grid_, noise, class_labels=labels, guidance_scale=float(guidance_scale), callback=callback,
-              progress=progress, device=device)
-    nfe_before = model.nfe
+        prior_std = 1.0 if model.schedule.is_vp else float(run.grid.sigma[0])
+        x_T = prior_std * run.noise.normal(shape[1:], step=-1, dtype=dtype)
+    x, nfe, wall = _timed(run, spec.fn, x_T, options)
+    if not return_info:
+        return x
+    return x, SampleInfo(spec.name, nfe, getattr(run, "nfe_per_sample", None), torch.as_tensor(run.grid.t), wall)
+
+
+def _check_model_and_sampler(model, sampler: str, options: dict):
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model: expected a diffsolve DiffusionModel (see load_model), got {type(model).__name__}")
+    spec = get_sampler(sampler)
+    spec.check_options(options)
+    return spec
+
+
+def _timed(run: Run, fn: Callable, x: Tensor, options: dict):
+    """Run a sampler (or an inversion), then check for NaN/Inf: (output, NFE, wall seconds)."""
+    nfe_before = run.model.nfe
     start = time.perf_counter()
     with torch.no_grad():
-        x = spec.fn(run, x_T, **options)
+        out = fn(run, x, **options)
     run.check_finite()
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
-    wall = time.perf_counter() - start
-    if not return_info:
-        return x
-    return x, SampleInfo(spec.name, model.nfe - nfe_before, getattr(run, "nfe_per_sample", None),
-                         torch.as_tensor(run.grid.t), wall)
+    return out, run.model.nfe - nfe_before, time.perf_counter() - start
+
+
+@dataclass
+class Inversion:
+    """What :func:`invert` returns: the starting state(s) that regenerate x0 under ``sampler``.
+
+    ``x_T`` is the state at the grid's first time t_start. ``extra`` holds what else the sampler needs to
+    start from it: for BDIA ``{"x_next": x at the second grid point, "gamma": γ}``, because its chain is
+    determined by two consecutive states; for DDIM nothing. ``sample(model, **inversion.sample_kwargs())``
+    regenerates x0 (exactly for BDIA, up to round-off; approximately for DDIM); pass other ``class_labels``
+    there to edit.
+    """
+
+    x_T: Tensor
+    extra: dict
+    sampler: str
+    steps: int
+    grid: Tensor
+    options: dict
+    nfe: int
+
+    def sample_kwargs(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "x_T": self.x_T, "grid": self.grid,
+                **self.options, **self.extra}
+
+
+def invert(
+    model: DiffusionModel,
+    x0: Tensor,
+    sampler: str = "bdia",
+    steps: int = 10,
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    grid: str | Tensor | None = None,
+    class_labels: Sequence[int] | Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    progress: bool = False,
+    **options,
+) -> Inversion:
+    """Map data ``x0`` (the state at t_end) back to the sampler's starting state(s) on the same grid.
+
+    ``sampler="bdia"`` inverts exactly (γ > 0); ``sampler="ddim"`` is the usual approximate DDIM inversion
+    (ε̂ at the less noisy point stands in for the one at the noisier point). t_end must be > 0: the model is
+    evaluated at x0's own time. Returns an :class:`Inversion`.
+    """
+    spec = _check_model_and_sampler(model, sampler, options)
+    if spec.inverse is None:
+        invertible = ", ".join(n for n in list_samplers() if get_sampler(n).inverse is not None)
+        raise ValueError(f"sampler {spec.name!r} cannot invert; samplers with an inversion: {invertible}")
+    check_steps(steps, spec.adaptive, spec.name)
+    ts = _resolve_grid(model, steps, grid, t_start, t_end, spec.default_grid)
+    if ts[-1] <= 0:
+        raise ValueError(f"invert needs t_end > 0 (the model is evaluated at x0's time), got t_end={float(ts[-1])}")
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0: expected a tensor of shape (batch, ...), got {type(x0).__name__}")
+    _resolve_batch(model, None, x0, None)
+    labels = model.check_conditioning(x0.shape[0], class_labels, float(guidance_scale))
+    run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(range(x0.shape[0]), device=x0.device),
+              class_labels=labels, guidance_scale=float(guidance_scale), progress=progress, device=x0.device)
+    (x_T, extra), nfe, _ = _timed(run, spec.inverse, x0, options)
+    return Inversion(x_T, extra, spec.name, steps, ts, dict(options), nfe)

@@ -184,12 +184,14 @@ class Run:
     def randn_like(self, x: Tensor, step: int, sub: int = 0) -> Tensor:
         return self.noise.normal(x.shape[1:], step=step, sub=sub, dtype=x.dtype).to(x.device)
 
-    def steps(self, desc: str = "sampling"):
-        """The step indices 0 … N−1, with a progress bar when asked."""
-        return tqdm(range(self.grid.steps), desc=desc, disable=not self.progress, leave=False)
+    def steps(self, desc: str = "sampling", reverse: bool = False):
+        """The step indices 0 … N−1 (N−1 … 0 for an inversion), with a progress bar when asked."""
+        indices = range(self.grid.steps - 1, -1, -1) if reverse else range(self.grid.steps)
+        return tqdm(indices, desc=desc, disable=not self.progress, leave=False)
 
     def step_done(self, i: int, x: Tensor, x0_pred: Tensor | None = None) -> None:
-        """Call after step i: runs the callback and records (on the device) whether x became non-finite."""
+        """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback and records (on the
+        device) whether x became non-finite."""
         bad = ~torch.isfinite(x).all()
         if self._first_bad_step is None:
             self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=x.device)

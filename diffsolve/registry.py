@@ -8,6 +8,7 @@ reported by ``diffsolve samplers``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +25,8 @@ class SamplerSpec:
     #: adaptive samplers choose their own steps (``steps`` must be None)
     adaptive: bool
     summary: str
+    #: ``invert(run, x0, **options) -> (x_T, extra options for sample)`` where the sampler can be inverted
+    inverse: Callable | None = None
 
     def check_options(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(self.options))
@@ -45,6 +48,18 @@ def register_sampler(name: str, *, default_grid: str = "time_uniform", adaptive:
         options = {p.name: p.default for p in params[2:]}
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         _REGISTRY[name] = SamplerSpec(name, fn, options, default_grid, adaptive, summary)
+        return fn
+
+    return decorate
+
+
+def register_inversion(name: str):
+    """Register ``invert(run, x0, *, options...)`` for the already registered sampler ``name``: it walks the
+    grid from t_end back to t_start and returns ``(x_T, extra)``, where ``sample(..., x_T=x_T, **extra)``
+    regenerates x0. Its options must be the sampler's (they are passed to both)."""
+
+    def decorate(fn: Callable) -> Callable:
+        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], inverse=fn)
         return fn
 
     return decorate

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import math
 
-from ..registry import register_sampler
+from ..model import Prediction
+from ..registry import register_inversion, register_sampler
+
+
+def ddim_transfer(pred: Prediction, alpha: float, sigma: float):
+    """The deterministic DDIM map of a prediction made at (x_t, t) to the time with (α, σ):
+    α x̂0 + σ ε̂ (the "transfer part" that PNDM and BDIA build on)."""
+    return alpha * pred.x0 + sigma * pred.eps
 
 
 def ddim_noise_scale(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, eta: float) -> float:
@@ -36,3 +43,17 @@ def ddim(run, x, *, eta: float = 0.0):
             x = x + c * run.randn_like(x, step=i)
         run.step_done(i, x, pred.x0)
     return x
+
+
+@register_inversion("ddim")
+def ddim_invert(run, x, *, eta: float = 0.0):
+    """Naive DDIM inversion t_{i+1} → t_i: x_i = α_i x̂0 + σ_i ε̂ with the prediction made at (x_{i+1}, t_{i+1}),
+    the less noisy point, standing in for the unknown one at (x_i, t_i). Approximate: O(h) per step."""
+    if eta != 0.0:
+        raise ValueError(f"eta: DDIM inversion inverts the deterministic sampler and needs eta=0, got {eta}")
+    g = run.grid
+    for i in run.steps("ddim inversion", reverse=True):
+        pred = run.predict(x, i + 1)
+        x = ddim_transfer(pred, g.alpha[i], g.sigma[i])
+        run.step_done(i, x, pred.x0)
+    return x, {}
