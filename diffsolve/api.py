@@ -158,7 +158,7 @@ def sample(
     x, nfe, wall = _timed(run, spec.fn, x_T, options)
     if not return_info:
         return x
-    return x, SampleInfo(spec.name, nfe, getattr(run, "nfe_per_sample", None), torch.as_tensor(run.grid.t), wall)
+    return x, SampleInfo(spec.name, nfe, run.nfe_per_sample, torch.as_tensor(run.grid.t), wall)
 
 
 def _check_model_and_sampler(model, sampler: str, options: dict):

@@ -8,7 +8,8 @@
   progress bar and ``callback(step, t, x, x0_pred)``, and a non-finite check that costs no per-step sync
   (a device-side flag, read once at the end, that names the first bad step).
 - Shared exponential-integrator math: :func:`phi` (φ-functions), :class:`History` (multistep buffer),
-  :func:`multistep_order` (warm-up and lower-order-final rules).
+  :func:`multistep_order` (warm-up and lower-order-final rules), :func:`adams_bashforth_weights`,
+  :func:`exp_lagrange_weights` (exponentially weighted Lagrange quadrature: the stochastic Adams weights).
 """
 
 from __future__ import annotations
@@ -103,6 +104,70 @@ def phi(k: int, h: float) -> float:
     return total
 
 
+def adams_bashforth_weights(order: int) -> tuple[float, ...]:
+    """Weights b_0 … b_{k−1} of the k-step Adams–Bashforth method for equal steps h,
+    y_{n+1} = y_n + h Σ_j b_j f_{n−j}: the integral over [t_n, t_n + h] of the polynomial through
+    f_n, …, f_{n−k+1}, b_j = (−1)^j / (j! (k−1−j)!) ∫_0^1 Π_{i≠j} (u + i) du, summed exactly in rationals.
+    k = 1: (1,); 2: (3, −1)/2; 3: (23, −16, 5)/12; 4: (55, −59, 37, −9)/24."""
+    from fractions import Fraction
+
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"order: expected an integer >= 1, got {order!r}")
+    weights = []
+    for j in range(order):
+        poly = [Fraction(1)]  # coefficients of Π_{i≠j} (u + i) in u, lowest degree first
+        for i in range(order):
+            if i != j:
+                poly = [(poly[m - 1] if m > 0 else 0) + (i * poly[m] if m < len(poly) else 0) for m in range(len(poly) + 1)]
+        integral = sum(c / (m + 1) for m, c in enumerate(poly))
+        weights.append((-1) ** j * integral / (math.factorial(j) * math.factorial(order - 1 - j)))
+    return tuple(float(w) for w in weights)
+
+
+def lagrange_basis_coefficients(nodes: Sequence[float]) -> np.ndarray:
+    """Monomial coefficients of the Lagrange basis on distinct ``nodes`` θ_0 … θ_{n−1} (float64, shape (n, n)):
+    row j holds a_j0 … a_j,n−1 with ℓ_j(θ) = Π_{m≠j} (θ − θ_m)/(θ_j − θ_m) = Σ_k a_jk θ^k.
+
+    Pass nodes of size O(1), e.g. offsets (λ_j − λ_s)/h in units of the step h: expanding around an absolute
+    λ instead (as diffusers' ``SASolverScheduler`` does, in float32) cancels badly for small steps."""
+    theta = np.asarray(nodes, dtype=np.float64).reshape(-1)
+    n = len(theta)
+    if n == 0 or not np.isfinite(theta).all() or len(np.unique(theta)) != n:
+        raise ValueError(f"Lagrange nodes must be finite and distinct, got {theta.tolist()}")
+    out = np.empty((n, n))
+    for j in range(n):
+        others = np.delete(theta, j)
+        out[j] = np.polynomial.polynomial.polyfromroots(others) / np.prod(theta[j] - others)
+    return out
+
+
+def exp_moments(n: int, h: float, nu: float = 1.0) -> list[float]:
+    """M_k = ∫_0^h e^{−ν(h−u)} (u/h)^k du = k! h φ_{k+1}(−νh) for k = 0 … n−1 (host float64).
+
+    M_0 = (1 − e^{−νh})/ν is also defined for h = ∞ (a last step onto σ = 0); k ≥ 1 needs a finite h."""
+    if not (math.isfinite(nu) and nu > 0):
+        raise ValueError(f"nu: expected a finite value > 0, got {nu}")
+    moments = [-math.expm1(-nu * h) / nu]
+    if n > 1 and not math.isfinite(h):
+        raise ValueError(f"exp_moments: moments k >= 1 need a finite step, got h = {h}")
+    moments += [math.factorial(k) * h * phi(k + 1, -nu * h) for k in range(1, n)]
+    return moments
+
+
+def exp_lagrange_weights(nodes: Sequence[float], h: float, nu: float = 1.0,
+                         moments: Sequence[float] | None = None) -> list[float]:
+    """Weights w_j = ∫_0^h e^{−ν(h−u)} ℓ_j(u/h) du of the exponentially weighted interpolatory quadrature
+    ∫_0^h e^{−ν(h−u)} f(u) du ≈ Σ_j w_j f(θ_j h), ℓ_j the Lagrange basis on the nodes θ_j (offsets in units of
+    h: θ = 0 is the start of the step, θ = 1 its end). ``moments`` replaces :func:`exp_moments` when given.
+    These are the stochastic Adams (SA-Solver) weights and, for ν = 1, the exponential Adams–Bashforth and
+    Adams–Moulton weights of the data-prediction ODE; host float64, computed once per step."""
+    a = lagrange_basis_coefficients(nodes)
+    m = exp_moments(len(a), h, nu) if moments is None else [float(v) for v in moments]
+    if len(m) != len(a):
+        raise ValueError(f"moments: expected {len(a)} values (one per node), got {len(m)}")
+    return [float(v) for v in a @ np.asarray(m, dtype=np.float64)]
+
+
 def multistep_order(i: int, steps: int, order: int, lower_order_final: bool, final_to_zero: bool) -> int:
     """The order a multistep solver uses at step i (0-based) of ``steps``: warm-up min(order, i + 1); with
     ``lower_order_final`` and fewer than 15 steps, order ≤ 1 at the last and ≤ 2 at the second-to-last
@@ -170,6 +235,8 @@ class Run:
         self.class_labels, self.guidance_scale = class_labels, guidance_scale
         self.callback, self.progress = callback, progress
         self.batch = len(noise)
+        #: adaptive samplers set this to the network evaluations each sample took (a (batch,) tensor)
+        self.nfe_per_sample: Tensor | None = None
         self._t_device = torch.as_tensor(grid.t, device=device)
         self._first_bad_step: Tensor | None = None
 
