@@ -150,6 +150,7 @@ def sample(
 
     device = model.device if x_T is None else x_T.device
     dtype = (model.dtype or torch.float32) if x_T is None else x_T.dtype
+    labels = None if labels is None else labels.to(device)
     run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(seeds_t, device=device), class_labels=labels,
               guidance_scale=float(guidance_scale), callback=callback, progress=progress, device=device)
     if x_T is None:
@@ -237,6 +238,7 @@ def invert(
         raise TypeError(f"x0: expected a tensor of shape (batch, ...), got {type(x0).__name__}")
     _resolve_batch(model, None, x0, None)
     labels = model.check_conditioning(x0.shape[0], class_labels, float(guidance_scale))
+    labels = None if labels is None else labels.to(x0.device)
     run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(range(x0.shape[0]), device=x0.device),
               class_labels=labels, guidance_scale=float(guidance_scale), progress=progress, device=x0.device)
     (x_T, extra), nfe, _ = _timed(run, spec.inverse, x0, options)

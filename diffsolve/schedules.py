@@ -197,6 +197,7 @@ class DiscreteVP(NoiseSchedule):
         self._log_alpha_table = torch.cat([torch.zeros(1, dtype=torch.float64), log_alpha])
         self.valid_range = (1.0 / n, 1.0)
         self.default_range = (1.0, 1.0 / n)
+        self._device_tables: dict[torch.device, tuple[Array, Array]] = {}
 
     @classmethod
     def from_config(cls, config) -> "DiscreteVP":
@@ -208,18 +209,26 @@ class DiscreteVP(NoiseSchedule):
         scheduler = DDPMScheduler.from_config(dict(config))
         return cls(scheduler.alphas_cumprod.double(), prediction_type=dict(config).get("prediction_type", "epsilon"))
 
+    def _tables(self, device: torch.device) -> tuple[Array, Array]:
+        """The (t, log α) tables on ``device``, copied there once: a copy per call would sync every step."""
+        if device not in self._device_tables:
+            self._device_tables[device] = (self._t_table.to(device), self._log_alpha_table.to(device))
+        return self._device_tables[device]
+
     def _log_alpha(self, t):
-        return _interp(t, self._t_table.to(t.device), self._log_alpha_table.to(t.device))
+        tt, la = self._tables(t.device)
+        return _interp(t, tt, la)
 
     def _dlog_alpha_dt(self, t):
-        tt, la = self._t_table.to(t.device), self._log_alpha_table.to(t.device)
+        tt, la = self._tables(t.device)
         k = torch.clamp(torch.searchsorted(tt, t.contiguous(), right=True) - 1, 0, len(tt) - 2)
         return (la[k + 1] - la[k]) / (tt[k + 1] - tt[k])
 
     def _t_from_lambda(self, lam):
         # log α is linear in t on each segment, so interpolating t against log α(λ) inverts exactly
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
-        return _interp(log_alpha, self._log_alpha_table.to(lam.device).flip(0), self._t_table.to(lam.device).flip(0))
+        tt, la = self._tables(lam.device)
+        return _interp(log_alpha, la.flip(0), tt.flip(0))
 
     def _model_time(self, t):
         return self.num_train_timesteps * t - 1.0
