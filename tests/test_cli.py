@@ -61,3 +61,14 @@ def test_samplers_lists_options(capsys):
     assert main(["samplers"]) == 0
     out = capsys.readouterr().out
     assert "dpm_solver_pp" in out and "order=2" in out and "eta=0.0" in out
+
+
+@pytest.mark.parametrize("sampler,options", [
+    ("pndm", []), ("pndm", ["--method", "s_pndm"]), ("sa_solver", ["--tau", "1.0", "--predictor-order", "3"]),
+    ("bdia", ["--gamma", "0.5"]),
+])
+def test_sample_with_each_sampler(model_dir, tmp_path, sampler, options):
+    out = tmp_path / f"{sampler}.png"
+    assert main(["sample", "--model", str(model_dir), "--sampler", sampler, "--steps", "5", "--num", "2",
+                 "--out", str(out), "--quiet", *options]) == 0
+    assert out.is_file()
