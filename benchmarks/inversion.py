@@ -4,7 +4,7 @@ on digits16 (held-out real digits, under their class labels) and on the Gaussian
     python benchmarks/inversion.py [--num 64 --steps 10 20 50]
 
 Relative error ‖x̂0 − x0‖/‖x0‖ over the batch; time = inversion + regeneration (wall seconds, CPU unless
---device). BDIA uses the default γ (0.5 below 25 steps, 1.0 from 25: the paper's 10- and 40-step settings).
+--device). BDIA uses the default γ (0.5 up to 10 steps, else 1.0: the paper's 10- and 40-step settings).
 """
 
 from __future__ import annotations

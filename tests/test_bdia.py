@@ -68,12 +68,12 @@ def test_digits16_round_trip_is_exact(steps, gamma):
 
 def test_inversion_reports_nfe_and_samples_skip_the_first_step():
     model = GaussianMixture.random(2, 2, VPLinear()).as_model()
-    inv = invert(model, torch.zeros(3, 2, dtype=torch.float64), "bdia", 12)
-    assert inv.nfe == 12 and inv.extra["gamma"] == 0.5  # default γ below 25 steps
+    inv = invert(model, torch.zeros(3, 2, dtype=torch.float64), "bdia", 10)
+    assert inv.nfe == 10 and inv.extra["gamma"] == 0.5  # the paper's γ at 10 steps
     model.reset_nfe()
     sample(model, **inv.sample_kwargs())
-    assert model.nfe == 11  # the pair (x_0, x_1) is given: no first DDIM step
-    assert invert(model, torch.zeros(3, 2, dtype=torch.float64), "bdia", 40).extra["gamma"] == 1.0
+    assert model.nfe == 9  # the pair (x_0, x_1) is given: no first DDIM step
+    assert invert(model, torch.zeros(3, 2, dtype=torch.float64), "bdia", 11).extra["gamma"] == 1.0
 
 
 def test_bad_input_before_any_network_call():
