@@ -34,6 +34,10 @@ def _parse_options(extra: list[str], parser: argparse.ArgumentParser) -> dict:
     return options
 
 
+#: ``--steps`` not given (a non-string default: argparse leaves it unconverted)
+_DEFAULT_STEPS = object()
+
+
 def _cmd_sample(args, options, parser) -> int:
     from . import load_model, sample
     from .api import check_steps
@@ -46,6 +50,8 @@ def _cmd_sample(args, options, parser) -> int:
         parser.error("give exactly one of --out (a PNG grid) and --out-dir (one PNG per sample)")
     spec = get_sampler(args.sampler)  # sampler, options and steps are checked before the model is loaded
     spec.check_options(options)
+    if args.steps is _DEFAULT_STEPS:  # not given: 10, or None for adaptive samplers (they choose their steps)
+        args.steps = None if spec.adaptive else 10
     check_steps(args.steps, spec.adaptive, spec.name)
     model = load_model(args.model, device=args.device)
     seeds = list(range(args.seed, args.seed + args.num))
@@ -87,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw samples; sampler options follow as --name value (see `diffsolve samplers`).")
     p.add_argument("--model", default="digits16", help="'digits16', a diffusers folder or a hub id")
     p.add_argument("--sampler", default="dpm_solver_pp")
-    p.add_argument("--steps", type=lambda s: None if s.lower() == "none" else int(s), default=10,
-                   help="number of steps ('none' for adaptive samplers)")
+    p.add_argument("--steps", type=lambda s: None if s.lower() == "none" else int(s), default=_DEFAULT_STEPS,
+                   help="number of steps (default: 10; adaptive samplers choose their own: 'none', their default)")
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="class label for every sample")

@@ -70,10 +70,16 @@ class SeededNoise:
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def normal(self, shape: Sequence[int], step: int = -1, sub: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Noise of shape ``(batch, *shape)``."""
+    def normal(self, shape: Sequence[int], step: int | Tensor = -1, sub: int = 0,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+        """Noise of shape ``(batch, *shape)``. ``step`` may be an int64 tensor of shape (batch,): sample k then
+        draws stream (step[k], sub), bitwise what ``normal(shape, step=int(step[k]), sub)`` gives it."""
         n = math.prod(shape)
-        key = splitmix64_mix(self._keys + _signed((step + 2) * _GOLDEN))
+        if isinstance(step, Tensor):  # int64 arithmetic wraps like the Python value taken mod 2^64
+            step_key = (step.to(device=self.device, dtype=torch.int64).reshape(-1) + 2) * _GOLDEN
+        else:
+            step_key = _signed((step + 2) * _GOLDEN)
+        key = splitmix64_mix(self._keys + step_key)
         key = splitmix64_mix(key + _signed((sub + 1) * _GOLDEN))
         idx = torch.arange(1, n + 1, dtype=torch.int64, device=self.device)
         z = splitmix64_mix(key[:, None] + idx[None, :] * _GOLDEN)
@@ -239,6 +245,17 @@ class Run:
         self.nfe_per_sample: Tensor | None = None
         self._t_device = torch.as_tensor(grid.t, device=device)
         self._first_bad_step: Tensor | None = None
+        self._off_grid = False  # set by samplers that report per-sample times (adaptive ones)
+
+    def set_grid(self, t) -> None:
+        """Replace the time grid by another with the same number of points, for samplers that must move the
+        points (e.g. onto the λ grid of precomputed statistics); ``SampleInfo.grid`` and callbacks then report
+        the new times."""
+        grid = TimeGrid(self.grid.schedule, t)
+        if len(grid) != len(self.grid):
+            raise ValueError(f"set_grid: expected {len(self.grid)} times, got {len(grid)}")
+        self.grid = grid
+        self._t_device = torch.as_tensor(grid.t, device=self._t_device.device)
 
     def predict(self, x: Tensor, i: int) -> Prediction:
         """(ε̂, x̂0) at grid point i."""
@@ -256,20 +273,28 @@ class Run:
         indices = range(self.grid.steps - 1, -1, -1) if reverse else range(self.grid.steps)
         return tqdm(indices, desc=desc, disable=not self.progress, leave=False)
 
-    def step_done(self, i: int, x: Tensor, x0_pred: Tensor | None = None) -> None:
+    def step_done(self, i: int, x: Tensor, x0_pred: Tensor | None = None, t: Tensor | None = None) -> None:
         """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback and records (on the
-        device) whether x became non-finite."""
+        device) whether x became non-finite. Samplers that step off the grid (adaptive ones) pass the
+        per-sample times ``t`` (batch,) that x has reached; the callback then receives them in place of t_{i+1}
+        and ``i`` counts iterations."""
         bad = ~torch.isfinite(x).all()
         if self._first_bad_step is None:
             self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=x.device)
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), i, self._first_bad_step)
+        if t is not None:
+            self._off_grid = True
         if self.callback is not None:
-            self.callback(i, float(self.grid.t[i + 1]), x, x0_pred)
+            self.callback(i, float(self.grid.t[i + 1]) if t is None else t, x, x0_pred)
 
     def check_finite(self) -> None:
         """One host sync at the end: raise if any step produced NaN/Inf, naming the first."""
         if self._first_bad_step is not None:
             first = int(self._first_bad_step)
+            if first >= 0 and self._off_grid:
+                raise FloatingPointError(
+                    f"the sampler produced NaN/Inf at iteration {first} (t from {self.grid.t[0]:.6g} to "
+                    f"{self.grid.t[-1]:.6g}); try tighter tolerances or a later t_end")
             if first >= 0:
                 raise FloatingPointError(
                     f"the sampler produced NaN/Inf at step {first} (t = {self.grid.t[first]:.6g} → "

@@ -305,3 +305,49 @@ class GaussianMixturePosterior:
         z = torch.randn(*k.shape, d_, 1, generator=g, dtype=F64)
         x = means[torch.arange(len(means))[:, None], k] + (root[k] @ z).squeeze(-1)
         return x if self.weights.ndim == 2 else x[0]
+
+
+@dataclass
+class MomentDiscrepancy:
+    """What :func:`moment_discrepancy` returns (see there)."""
+
+    #: T² = dᵀ C⁺ d, d the difference of the test-function means
+    t2: float
+    #: E[T²] when both samples come from the same law: rank(C) · (1/n + 1/N)
+    floor: float
+    #: the standard deviation of T² at that floor: rank(C) · √2 (1/n + 1/N) / √rank(C)
+    noise: float
+    #: rank(C): the number of independent test functions
+    rank: int
+
+    @property
+    def error(self) -> float:
+        """√max(T² − floor, 0): the debiased discrepancy, in standard deviations of the test functions."""
+        return math.sqrt(max(self.t2 - self.floor, 0.0))
+
+
+def moment_discrepancy(x: Tensor, reference: Tensor, centers: Tensor) -> MomentDiscrepancy:
+    """A distribution distance with a known Monte-Carlo floor, between samples ``x`` (n, D) and a large exact
+    ``reference`` sample (N, D), for mixtures with component means ``centers`` (K, D).
+
+    The test functions are, per nearest centre k, φ = (1_k, 1_k x_d, 1_k x_d²) for every coordinate d: the mode
+    weights and each mode's mean and second moment (K(1 + 2D) − 1 functions: the last 1_k is 1 minus the
+    others; any that never vary are dropped by the pseudo-inverse). With d = mean φ(x) − mean φ(reference) and C the covariance of φ under the reference,
+    T² = dᵀ C⁺ d is a squared Mahalanobis distance whose expectation for two samples of the same law is
+    rank(C) (1/n + 1/N) (Hotelling), with standard deviation √(2 rank(C)) (1/n + 1/N). T² − floor estimates the
+    squared distance of the two laws' test-function means without the sampling noise."""
+    centers = torch.as_tensor(centers, dtype=F64)
+
+    def features(s: Tensor) -> Tensor:
+        s = torch.as_tensor(s, dtype=F64)
+        onehot = torch.nn.functional.one_hot(torch.cdist(s, centers).argmin(1), len(centers)).to(F64)  # (n, K)
+        return torch.cat([onehot[:, :-1], (onehot[:, :, None] * s[:, None, :]).flatten(1),
+                          (onehot[:, :, None] * s[:, None, :] ** 2).flatten(1)], 1)
+
+    f_ref = features(reference)
+    cov = torch.cov(f_ref.T)
+    rank = int(torch.linalg.matrix_rank(cov, hermitian=True))
+    d = features(x).mean(0) - f_ref.mean(0)
+    t2 = float(d @ torch.linalg.pinv(cov, hermitian=True) @ d)
+    scale = 1.0 / len(x) + 1.0 / len(f_ref)
+    return MomentDiscrepancy(t2, rank * scale, math.sqrt(2 * rank) * scale, rank)
