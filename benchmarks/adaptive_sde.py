@@ -73,7 +73,8 @@ def gmm_part(schedule, kind: str, args) -> None:
     t_start, t_end = schedule.default_range
     ref = gmm.x0_mean(gmm.sample_xt(args.ref, t_end, seed=args.seed + 1), t_end)
     prior = 1.0 if schedule.is_vp else t_start
-    x_T = prior * torch.randn(args.num, args.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed + 2))
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    x_T = prior * torch.randn(args.num, args.dim, dtype=torch.float64, generator=generator)
     seeds = range(args.num)
     print(f"\n## {schedule!r}, {kind} GMM: dim {args.dim}, {args.components} components, {args.num} samples, "
           f"reference {args.ref} exact samples\n")
@@ -147,7 +148,8 @@ def digits_part(args) -> None:
     for steps in args.digits_em_steps:
         x, info = sample(model, "euler_maruyama", steps, seeds=seeds, return_info=True)
         c, s = classifier_scores(x)
-        print(f"| euler_maruyama {steps} | {info.nfe} | {info.nfe} | {c:.3f} | {s:.2f} | {info.wall_time:.1f} |", flush=True)
+        print(f"| euler_maruyama {steps} | {info.nfe} | {info.nfe} | {c:.3f} | {s:.2f} | {info.wall_time:.1f} |",
+              flush=True)
     for rtol in args.digits_rtols:
         x, info = sample(model, "adaptive_sde", None, seeds=seeds, rtol=rtol, return_info=True)
         c, s = classifier_scores(x)

@@ -315,7 +315,7 @@ class MomentDiscrepancy:
     t2: float
     #: E[T²] when both samples come from the same law: rank(C) · (1/n + 1/N)
     floor: float
-    #: the standard deviation of T² at that floor: rank(C) · √2 (1/n + 1/N) / √rank(C)
+    #: the standard deviation of T² at that floor: √(2 rank(C)) · (1/n + 1/N)
     noise: float
     #: rank(C): the number of independent test functions
     rank: int
@@ -332,10 +332,11 @@ def moment_discrepancy(x: Tensor, reference: Tensor, centers: Tensor) -> MomentD
 
     The test functions are, per nearest centre k, φ = (1_k, 1_k x_d, 1_k x_d²) for every coordinate d: the mode
     weights and each mode's mean and second moment (K(1 + 2D) − 1 functions: the last 1_k is 1 minus the
-    others; any that never vary are dropped by the pseudo-inverse). With d = mean φ(x) − mean φ(reference) and C the covariance of φ under the reference,
-    T² = dᵀ C⁺ d is a squared Mahalanobis distance whose expectation for two samples of the same law is
-    rank(C) (1/n + 1/N) (Hotelling), with standard deviation √(2 rank(C)) (1/n + 1/N). T² − floor estimates the
-    squared distance of the two laws' test-function means without the sampling noise."""
+    others; any that never vary are dropped by the pseudo-inverse). With d = mean φ(x) − mean φ(reference) and
+    C the covariance of φ under the reference, T² = dᵀ C⁺ d is a squared Mahalanobis distance whose expectation
+    for two samples of the same law is rank(C) (1/n + 1/N) (Hotelling), with standard deviation
+    √(2 rank(C)) (1/n + 1/N). T² − floor estimates the squared distance (in that metric) of the two laws'
+    test-function means, without the sampling noise."""
     centers = torch.as_tensor(centers, dtype=F64)
 
     def features(s: Tensor) -> Tensor:

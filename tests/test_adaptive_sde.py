@@ -4,6 +4,7 @@ Euler–Maruyama, per-sample stepping and batch invariance, and input errors."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,14 +117,6 @@ def tweedie_reference(gmm, n=400_000):
     return gmm.x0_mean(gmm.sample_xt(n, t_end, seed=4), t_end)
 
 
-@pytest.fixture(scope="module")
-def default_run(gmm_vp):
-    n = 4096
-    x, info = sample(gmm_vp.as_model(), "adaptive_sde", None, x_T=prior(gmm_vp.schedule, n, 2, seed=3),
-                     seeds=range(n), return_info=True)
-    return x, info
-
-
 def check_law(gmm, x, ref):
     """Mean, per-dimension variance and nearest-component weights within 5 Monte-Carlo standard errors of the
     exact law (the errors of a sample of len(x); the reference is 100× larger), and the moment discrepancy T²
@@ -141,15 +134,11 @@ def check_law(gmm, x, ref):
     assert m.t2 <= m.floor + 5 * m.noise, m
 
 
-def test_samples_match_the_gmm_at_default_tolerances_vp(gmm_vp, default_run):
-    x, info = default_run
-    check_law(gmm_vp, x, tweedie_reference(gmm_vp))
-
-
-def test_samples_match_the_gmm_at_default_tolerances_edm():
-    gmm = GaussianMixture.random(2, 3, EDM(), seed=2)
-    n = 2048
-    x = sample(gmm.as_model(), "adaptive_sde", None, x_T=prior(gmm.schedule, n, 2, seed=3), seeds=range(n))
+@pytest.mark.parametrize("schedule", [VPLinear(), EDM()], ids=repr)
+def test_samples_match_the_gmm_at_default_tolerances(schedule):
+    gmm = GaussianMixture.random(2, 3, schedule, seed=2)
+    n = 4096
+    x = sample(gmm.as_model(), "adaptive_sde", None, x_T=prior(schedule, n, 2, seed=3), seeds=range(n))
     check_law(gmm, x, tweedie_reference(gmm))
 
 
@@ -164,21 +153,33 @@ def test_fresh_noise_per_attempt_is_biased_in_low_dimension(gmm_vp):
     assert ((x.var(0) - ref.var(0)) / ref.var(0)).mean() > 0.15
 
 
-def test_nfe_against_euler_maruyama_1000_steps(gmm_vp, default_run):
-    """The same x_T and seeds through EM with 1000 uniform steps (+ the same final denoise): adaptive_sde at its
-    defaults is as close to the exact law (T² not above EM's by more than twice the noise of the difference of
-    two T²) with at least 2× fewer evaluations, per sample and batched (the slowest sample). At this sample size
-    both are within the Monte-Carlo noise of the exact law; benchmarks/adaptive_sde.py measures with more."""
-    x, info = default_run
-    n = len(x)
-    x_em, info_em = sample(gmm_vp.as_model(), "euler_maruyama", 1000, x_T=prior(gmm_vp.schedule, n, 2, seed=3),
-                           seeds=range(n), return_info=True)
-    ref = tweedie_reference(gmm_vp)
-    ours, em = moment_discrepancy(x, ref, gmm_vp.means), moment_discrepancy(x_em, ref, gmm_vp.means)
-    assert ours.t2 <= em.t2 + 2 * math.sqrt(2) * em.noise, (ours, em)
+def narrow_gmm(schedule, seed=2):
+    """The benchmark's "narrow" mixture: GaussianMixture.random's recipe with component std U[0.02, 0.1]
+    (sharp modes, where a coarse solver's error is visible at a few thousand samples)."""
+    rng = np.random.default_rng(seed)
+    return GaussianMixture(rng.dirichlet(np.full(3, 2.0)), rng.standard_normal((3, 2)), rng.uniform(0.02, 0.1, (3, 2)),
+                           schedule)
+
+
+def test_nfe_against_euler_maruyama_1000_steps():
+    """The NFE adaptive_sde needs to reach the distribution error of EM with 1000 uniform steps (the same x_T,
+    seeds and final denoise), on the narrow mixture: T² (``moment_discrepancy``) not above EM-1000's by more than
+    twice the noise of the difference of two T². The metric resolves solver error here (EM with 100 steps is
+    far above the noise). benchmarks/adaptive_sde.py (16384 samples) finds rtol = 0.05 the loosest of
+    {0.1, 0.05, 0.02, 0.01} that reaches EM-1000 on this mixture (232 NFE per sample, 4.3×); the test takes
+    rtol = 0.02 (≈ 400 NFE, 2.5×) for a margin against the Monte-Carlo noise of 4096 samples."""
+    gmm = narrow_gmm(VPLinear())
+    model, n = gmm.as_model(), 4096
+    x_T = prior(gmm.schedule, n, 2, seed=3)
+    ref = tweedie_reference(gmm)
+    em = {steps: moment_discrepancy(sample(model, "euler_maruyama", steps, x_T=x_T, seeds=range(n)), ref, gmm.means)
+          for steps in (100, 1000)}
+    assert em[100].t2 > em[100].floor + 10 * em[100].noise, em[100]
+    x, info = sample(model, "adaptive_sde", None, x_T=x_T, seeds=range(n), rtol=0.02, return_info=True)
+    ours = moment_discrepancy(x, ref, gmm.means)
+    assert ours.t2 <= em[1000].t2 + 2 * math.sqrt(2) * ours.noise, (ours, em[1000])
     mean_nfe = info.nfe_per_sample.double().mean().item()
-    assert info_em.nfe / mean_nfe >= 2.0, (info_em.nfe, mean_nfe)
-    assert info_em.nfe / info.nfe >= 2.0, (info_em.nfe, info.nfe)
+    assert 1001 / mean_nfe >= 2.0, mean_nfe
 
 
 # ---- per-sample stepping -----------------------------------------------------------------------------------

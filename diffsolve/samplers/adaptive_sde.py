@@ -21,11 +21,12 @@ option).
 
 The noise after a rejection (``noise``). The official code retries with a fresh draw z (``noise="fresh"``).
 That biases the law: E grows with the part of K1 that the drift does not cancel, so the draws that pass the
-test are those that push against the drift's pull toward the modes, and in a few dimensions (where E
-hinges on the one draw) the modes come out wide (+35 % variance on a 2-D mixture, ≈ +2 % at 8-D, not
-measurable at 32-D with 4096 samples; images, with n in the thousands, are little affected). The default ``noise="bridge"`` keeps one Brownian path per
-sample: a retry over a shorter step draws the increment from the Brownian bridge through the rejected one
-(:class:`BrownianPath`), so the accepted noise is an exact path increment whatever was rejected.
+test are those that push against the drift's pull toward the modes, and in a few dimensions (where E hinges
+on the one draw) the modes come out wide (+35 % variance on a 2-D mixture, ≈ +2 % at 8-D, not measurable at
+32-D with 4096 samples; images, with n in the thousands, are little affected). The default
+``noise="bridge"`` keeps one Brownian path per sample: a retry over a shorter step draws the increment from
+the Brownian bridge through the rejected one (:class:`BrownianPath`), so the accepted noise is an exact path
+increment whatever was rejected.
 
 Per-sample stepping in one batch: t, h, x′_prev and the NFE count are (batch,) tensors; each iteration makes
 two network calls on the whole batch at per-sample times. A finished sample is still evaluated (at its
