@@ -14,6 +14,8 @@ import ast
 import sys
 from pathlib import Path
 
+from .core import BudgetExceededError
+
 
 def _parse_options(extra: list[str], parser: argparse.ArgumentParser) -> dict:
     options, i = {}, 0
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     options = _parse_options(extra, parser)
     try:
         return args.run(args, options, parser)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FloatingPointError,
+            BudgetExceededError) as err:
         print(f"diffsolve {args.command}: error: {err}", file=sys.stderr)
         return 2
 

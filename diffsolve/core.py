@@ -30,6 +30,10 @@ Tensor = torch.Tensor
 # ---- counter-based per-sample noise -------------------------------------------------------------------
 
 
+class BudgetExceededError(RuntimeError):
+    """An adaptive sampler ran out of its evaluation budget (``max_nfe``) before every sample finished."""
+
+
 def _signed(c: int) -> int:
     """A Python integer taken mod 2^64, as the int64 with the same bits."""
     c %= 1 << 64

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffsolve import sample
-from diffsolve.core import SeededNoise
+from diffsolve.core import BudgetExceededError, SeededNoise
 from diffsolve.schedules import EDM, VPLinear
 from diffsolve.testing import GaussianMixture, moment_discrepancy
 
@@ -265,7 +265,7 @@ def test_steps_and_t_end_errors():
 
 def test_max_nfe_raises_naming_the_unfinished_samples():
     model = GaussianMixture.random(2, 2, VPLinear(), seed=0).as_model()
-    with pytest.raises(RuntimeError, match=r"5 of 5 samples did not reach t_end=0.001 within max_nfe=21"):
+    with pytest.raises(BudgetExceededError, match=r"5 of 5 samples did not reach t_end=0.001 within max_nfe=21"):
         sample(model, "adaptive_sde", None, shape=(5, 2), max_nfe=21)
     x, info = sample(model, "adaptive_sde", None, shape=(5, 2), max_nfe=10_000, return_info=True)
     assert int(info.nfe_per_sample.max()) <= 10_000
@@ -307,6 +307,8 @@ def test_cli_adaptive_sampler_runs_without_steps(tmp_path, capsys, monkeypatch):
     assert out.count("mean NFE per sample") == 2 and (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
     assert main(base + ["--steps", "10", "--out", str(tmp_path / "c.png")]) == 2
     assert main(base + ["--theta", "2", "--out", str(tmp_path / "c.png")]) == 2
+    assert main(base + ["--max-nfe", "21", "--out", str(tmp_path / "c.png")]) == 2  # the budget runs out
     err = capsys.readouterr().err
     assert "chooses its own steps" in err and "theta: expected the safety factor" in err
+    assert "3 of 3 samples did not reach t_end" in err
     assert not (tmp_path / "c.png").exists()

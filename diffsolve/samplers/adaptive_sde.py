@@ -45,6 +45,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from ..core import BudgetExceededError
 from ..model import _expand
 from ..registry import register_sampler
 
@@ -285,7 +286,7 @@ def adaptive_sde(run, x, *, rtol: float = 0.05, atol: float = 0.0078, theta: flo
     # end of the run: one sync for the guards
     unfinished = int(((t > t_end) & ~failed).sum())
     if unfinished:
-        raise RuntimeError(
+        raise BudgetExceededError(
             f"adaptive_sde: {unfinished} of {batch} samples did not reach t_end={t_end:g} within max_nfe={max_nfe} "
             f"network evaluations per sample (furthest behind at t={float(t.max()):.4g}); raise max_nfe or loosen "
             f"rtol/atol")
