@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("samplers", help="list the registered samplers and their options")
     p.set_defaults(run=_cmd_samplers, takes_options=False)
+
+    from .fid.cli import add_commands as add_fid_commands  # fid, fid-ref, sweep
+
+    add_fid_commands(sub)
     return parser
 
 
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     options = _parse_options(extra, parser)
     try:
         return args.run(args, options, parser)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FloatingPointError,
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FloatingPointError, ImportError,
             BudgetExceededError) as err:
         print(f"diffsolve {args.command}: error: {err}", file=sys.stderr)
         return 2

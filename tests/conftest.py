@@ -23,3 +23,16 @@ def make_tiny_unet(seed: int = 0, num_class_embeds: int | None = None, out_chann
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()
+
+
+@pytest.fixture(scope="session")
+def fid_model_and_reference(tmp_path_factory):
+    """A tiny random digits-shaped diffusers pipeline folder and FID-digits statistics of the held-out digits,
+    shared by the FID run, sweep and torchrun tests."""
+    from diffsolve.cli import main
+    from fid_helpers import make_digit_model
+
+    root = tmp_path_factory.mktemp("fid")
+    ref = root / "ref.npz"
+    assert main(["fid-ref", "--data", "digits:test", "--out", str(ref)]) == 0
+    return make_digit_model(root / "model"), ref
