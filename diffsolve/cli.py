@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .fid.cli import add_commands as add_fid_commands  # fid, fid-ref, sweep
 
     add_fid_commands(sub)
+
+    from .inverse.cli import add_commands as add_inverse_commands  # degrade, restore, solvers
+
+    add_inverse_commands(sub)
     return parser
 
 
