@@ -5,20 +5,24 @@ network call), next to the same ratio for diffusers' scheduler loop, in one run.
 
 A ratio of 1.00 means the sampler adds nothing to the network's own cost; the target is ≤ 1.05. The network
 is a tiny random UNet2DModel (the overhead is largest relative to a small network). Each figure is the
-median of ``--repeats`` runs after a warm-up.
+median of ``--repeats`` runs after a warm-up. A second table times each sampler as a diffusers scheduler
+(``DiffsolveScheduler``) inside an unmodified ``DDPMPipeline`` against ``diffsolve.sample``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
 from diffsolve import DiffusionModel, sample
 from diffsolve.schedules import DiscreteVP
+from diffsolve.testing import random_ems
 
 
 def tiny_unet() -> UNet2DModel:
@@ -75,12 +79,16 @@ def main() -> None:
     import diffsolve
 
     names = args.samplers or [n for n in diffsolve.list_samplers() if not diffsolve.get_sampler(n).adaptive]
+    # dpm_solver_v3 runs on random statistics of this network: they cost what real ones cost
+    ems_file = Path(tempfile.mkdtemp()) / "ems.safetensors"
+    random_ems(model, n_lambda=120).save(ems_file)
+    options = {name: {"ems": str(ems_file)} if name == "dpm_solver_v3" else {} for name in names}
     rows = []
     for name in names:
         model.reset_nfe()
-        sample(model, name, args.steps, x_T=x)
+        sample(model, name, args.steps, x_T=x, **options[name])
         nfe = model.nfe
-        wall = timed(lambda: sample(model, name, args.steps, x_T=x), args.repeats, device)
+        wall = timed(lambda: sample(model, name, args.steps, x_T=x, **options[name]), args.repeats, device)
         rows.append((f"diffsolve {name}", nfe, wall, wall / (nfe * call)))
     for label, scheduler in [("diffusers DDIMScheduler", DDIMScheduler(**config)),
                              ("diffusers DPMSolverMultistepScheduler", DPMSolverMultistepScheduler(**config))]:
@@ -95,6 +103,42 @@ def main() -> None:
     ref = {r[0]: r[3] for r in rows}
     print(f"\nratio diffsolve dpm_solver_pp / diffusers DPMSolverMultistepScheduler: "
           f"{ref['diffsolve dpm_solver_pp'] / ref['diffusers DPMSolverMultistepScheduler']:.3f}")
+
+    # diffsolve samplers as a diffusers scheduler (DiffsolveScheduler) inside an unmodified DDPMPipeline, against
+    # diffsolve.sample with the same sampler, steps and noise: the cost of the hand-off to the sampler's worker
+    # thread and of the pipeline's own loop (the pipeline draws x_T and post-processes to [0, 1] as well)
+    from diffusers import DDPMPipeline
+    from diffsolve import DiffsolveScheduler
+
+    pipe = DDPMPipeline(unet=unet, scheduler=DiffsolveScheduler(**config)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def clocks(fn):  # (wall, process CPU) seconds of one call; CPU time is robust to other load on a shared host
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    print("\n| sampler | diffsolve.sample wall (s) | in DDPMPipeline wall (s) | wall ratio pipeline / sample "
+          "| CPU-time ratio pipeline / sample |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, sampler=name,
+                                                        sampler_options=options[name])
+        pipe.scheduler.set_model(unet)  # dpm_solver_v3 checks its statistics against the network
+        gen = torch.Generator(device).manual_seed(0)
+        runs = (lambda: pipe(batch_size=args.batch, num_inference_steps=args.steps, generator=gen, output_type="pt"),
+                lambda: sample(model, name, args.steps, x_T=x, **options[name]))
+        for fn in runs:
+            fn()  # warm-up
+        pairs = [[clocks(fn) for fn in runs] for _ in range(args.repeats)]  # interleaved, so that drift cancels
+        in_pipe, alone = (statistics.median(p[k][0] for p in pairs) for k in (0, 1))
+        wall_ratio = statistics.median(p[0][0] / p[1][0] for p in pairs)
+        cpu_ratio = statistics.median(p[0][1] / p[1][1] for p in pairs)
+        print(f"| {name} | {alone:.4f} | {in_pipe:.4f} | {wall_ratio:.3f} | {cpu_ratio:.3f} |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from .core import Run, SeededNoise, TimeGrid
 from .model import DiffusionModel
+from .pipelines import check_prompts
 from .registry import get_sampler, list_samplers
 from .schedules import GRIDS, time_grid
 
@@ -29,7 +30,7 @@ class SampleInfo:
     nfe_per_sample: Tensor | None
     #: the time grid used (float64), t_start first
     grid: Tensor
-    #: wall-clock seconds of the sampling loop (ends with a device sync)
+    #: wall-clock seconds of the sampling loop (ends with a device sync; prompt encoding and VAE decoding excluded)
     wall_time: float
 
 
@@ -68,6 +69,14 @@ def _resolve_grid(model: DiffusionModel, steps, grid, t_start, t_end, default_ki
     return ts
 
 
+def _latent_note(model: DiffusionModel) -> str:
+    if not getattr(model, "is_latent", False):
+        return ""
+    image = getattr(model, "image_shape", None)
+    return (" (the model samples latents of its UNet; its VAE decodes them to images of shape "
+            f"{tuple(image) if image else '?'})")
+
+
 def _resolve_batch(model: DiffusionModel, shape, x_T, seeds) -> tuple[tuple[int, ...], Tensor]:
     if x_T is not None:
         if shape is not None:
@@ -75,12 +84,12 @@ def _resolve_batch(model: DiffusionModel, shape, x_T, seeds) -> tuple[tuple[int,
         shape = tuple(x_T.shape)
         if model.sample_shape is not None and shape[1:] != model.sample_shape:
             raise ValueError(f"x_T: expected shape (batch, {', '.join(map(str, model.sample_shape))}) for this "
-                             f"model, got {tuple(x_T.shape)}")
+                             f"model, got {tuple(x_T.shape)}{_latent_note(model)}")
     elif shape is not None:
         shape = tuple(int(s) for s in shape)
         if model.sample_shape is not None and shape[1:] != model.sample_shape:
             raise ValueError(f"shape: expected (batch, {', '.join(map(str, model.sample_shape))}) for this model, "
-                             f"got {shape}")
+                             f"got {shape}{_latent_note(model)}")
     elif seeds is not None:
         if model.sample_shape is None:
             raise ValueError("shape: the model does not know its sample shape; pass shape=(batch, ...) or x_T")
@@ -109,6 +118,9 @@ def sample(
     grid: str | Tensor | None = None,
     class_labels: Sequence[int] | Tensor | int | None = None,
     guidance_scale: float = 1.0,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    decode: bool = True,
     progress: bool = False,
     callback: Callable | None = None,
     return_info: bool = False,
@@ -128,6 +140,13 @@ def sample(
         grid: a grid kind (``schedules.GRIDS``; default: the sampler's) or an explicit decreasing tensor of
             ``steps + 1`` times.
         class_labels, guidance_scale: class conditioning and classifier-free guidance.
+        prompt, negative_prompt: text conditioning of a text-to-image pipeline
+            (:class:`~diffsolve.pipelines.TextToImageModel`): one string for every sample or one per sample,
+            encoded by the pipeline's own text encoder; guidance (``guidance_scale != 1``) contrasts the prompt
+            with the negative prompt (default: the empty prompt), batched into one forward. No prompt: the
+            empty prompt (unconditional samples).
+        decode: for latent models, decode the latents with the VAE and return images in [−1, 1] (default);
+            ``False`` returns the latents. ``x_T``, ``shape`` and callbacks are in latent space.
         callback: ``callback(step, t, x, x0_pred)`` after every step.
         return_info: also return a :class:`SampleInfo`.
         **options: the sampler's options (``diffsolve samplers`` lists them); unknown ones are an error.
@@ -144,12 +163,17 @@ def sample(
     else:
         ts = _resolve_grid(model, steps, grid, t_start, t_end, spec.default_grid)
     shape, seeds_t = _resolve_batch(model, shape, x_T, seeds)
-    labels = model.check_conditioning(shape[0], class_labels, float(guidance_scale))
+    text = check_prompts(model, shape[0], prompt, negative_prompt, class_labels, float(guidance_scale))
+    labels = model.check_conditioning(shape[0], class_labels, float(guidance_scale)) if text is None else None
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
+    if not isinstance(decode, bool):
+        raise TypeError(f"decode: expected True or False, got {decode!r}")
 
     device = model.device if x_T is None else x_T.device
     dtype = (model.dtype or torch.float32) if x_T is None else x_T.dtype
+    if text is not None:  # every check passed: the text encoder is the first network call
+        labels = model.conditioning(*text, float(guidance_scale))
     labels = None if labels is None else labels.to(device)
     run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(seeds_t, device=device), class_labels=labels,
               guidance_scale=float(guidance_scale), callback=callback, progress=progress, device=device)
@@ -157,6 +181,8 @@ def sample(
         prior_std = 1.0 if model.schedule.is_vp else float(run.grid.sigma[0])
         x_T = prior_std * run.noise.normal(shape[1:], step=-1, dtype=dtype)
     x, nfe, wall = _timed(run, spec.fn, x_T, options)
+    if decode and getattr(model, "is_latent", False):
+        x = model.decode(x)
     if not return_info:
         return x
     return x, SampleInfo(spec.name, nfe, run.nfe_per_sample, torch.as_tensor(run.grid.t), wall)
@@ -227,6 +253,9 @@ def invert(
     evaluated at x0's own time. Returns an :class:`Inversion`.
     """
     spec = _check_model_and_sampler(model, sampler, options)
+    if getattr(model, "is_latent", False):
+        raise ValueError("invert: latent (VAE) pipelines are not supported; invert works in the model's sample "
+                         "space, and latent-space inversion and inverse problems are out of scope")
     if spec.inverse is None:
         invertible = ", ".join(n for n in list_samplers() if get_sampler(n).inverse is not None)
         raise ValueError(f"sampler {spec.name!r} cannot invert; samplers with an inversion: {invertible}")

@@ -1,6 +1,7 @@
 """The ``diffsolve`` command line.
 
     diffsolve sample --model digits16 --sampler dpm_solver_pp --steps 10 --num 64 --seed 0 --out samples.png
+    diffsolve sample --model path/to/sd-pipeline --prompt "a red fox" --guidance 7.5 --steps 20 --num 4 --out fox.png
     diffsolve samplers
     diffsolve ems --model digits16 --data digits --out ems.safetensors
 
@@ -62,6 +63,7 @@ def _cmd_sample(args, options, parser) -> int:
     x, info = sample(
         model, args.sampler, args.steps, seeds=seeds, class_labels=labels, guidance_scale=args.guidance,
         grid=args.grid, t_end=args.t_end, progress=not args.quiet, return_info=True, **options,
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
     )
     if args.out is not None:
         save_png(make_grid(x, scale=args.scale), args.out)
@@ -139,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="class label for every sample")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (with --class)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (with --class or --prompt)")
+    p.add_argument("--prompt", default=None, help="text prompt for every sample (text-to-image pipelines)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (with --prompt)")
     p.add_argument("--grid", default=None, help="time grid kind (default: the sampler's)")
     p.add_argument("--t-end", type=float, default=None)
     p.add_argument("--device", default=None)

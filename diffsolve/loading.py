@@ -40,7 +40,9 @@ def _load_unet(folder: Path, subfolder: str | None):
     config_path = folder / (subfolder or "") / "config.json"
     class_name = _read_json(config_path).get("_class_name", "UNet2DModel")
     if class_name not in _UNET_CLASSES:
-        raise ValueError(f"{config_path}: diffsolve loads {', '.join(_UNET_CLASSES)} networks, this one is a {class_name}")
+        raise ValueError(f"{config_path}: diffsolve loads {', '.join(_UNET_CLASSES)} networks, this one is a {class_name} "
+                         "(a UNet2DConditionModel loads as part of a Stable-Diffusion-style pipeline folder with vae, "
+                         "text_encoder and tokenizer)")
     weights = list((folder / (subfolder or "")).glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"{folder / (subfolder or '')}: no .safetensors weights (diffsolve loads safetensors "
@@ -66,7 +68,9 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
     """Load a pretrained diffusers model as a :class:`~diffsolve.DiffusionModel`.
 
     ``source`` is ``"digits16"`` (the shipped model), a diffusers pipeline folder (``model_index.json`` with
-    ``unet/`` and ``scheduler/``), a UNet folder (``config.json`` + safetensors; give ``scheduler_config``
+    ``unet/`` and ``scheduler/``; a Stable-Diffusion-style one with ``vae/``, ``text_encoder/`` and
+    ``tokenizer/`` loads as a :class:`~diffsolve.pipelines.TextToImageModel`, which needs transformers), a
+    UNet folder (``config.json`` + safetensors; give ``scheduler_config``
     as a dict, a diffusers scheduler or a path unless the folder has a ``scheduler_config.json``), or a
     hub id ``owner/name`` (downloaded through huggingface_hub; offline this is a clear error).
     ``prediction`` overrides the scheduler config's ``prediction_type``.
@@ -89,8 +93,14 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
         index = _read_json(folder / "model_index.json")
         if "unet" not in index or "scheduler" not in index:
             raise ValueError(f"{folder}/model_index.json names no 'unet' and 'scheduler' (found {sorted(index)})")
-        unet = _load_unet(folder, "unet")
         config = _scheduler_config(folder / "scheduler") if scheduler_config is None else _scheduler_config(scheduler_config)
+        from .pipelines import is_text_pipeline, load_text_pipeline
+
+        if is_text_pipeline(index):  # Stable-Diffusion-style: text encoder + UNet2DConditionModel + VAE
+            schedule = DiscreteVP.from_config(config)
+            return load_text_pipeline(folder, index, schedule, prediction or schedule.prediction_type or "epsilon",
+                                      device=device, dtype=dtype)
+        unet = _load_unet(folder, "unet")
     elif (folder / "config.json").is_file():
         if scheduler_config is None:
             if not (folder / "scheduler_config.json").is_file():

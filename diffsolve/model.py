@@ -2,7 +2,9 @@
 
 ``DiffusionModel(net, schedule, prediction)`` turns any network output (ε, x0, v or score) into the pair
 (ε̂, x̂0) at continuous time t, applies classifier-free guidance with the conditional and unconditional passes
-batched into one forward, and counts network evaluations.
+batched into one forward, and counts network evaluations. Conditioning is either class labels (a (batch,)
+integer tensor) or text-encoder embeddings (:class:`TextConditioning`, passed in the same ``class_labels``
+slot, for cross-attention UNets such as Stable Diffusion's; see :mod:`diffsolve.pipelines`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,25 @@ class Prediction:
 
     eps: Tensor
     x0: Tensor
+
+
+@dataclass
+class TextConditioning:
+    """Text-encoder embeddings for a cross-attention network (diffusers' ``encoder_hidden_states``).
+
+    ``cond`` (batch, tokens, dim) embeds the prompts; ``uncond`` (same shape) the negative or empty prompts,
+    used by classifier-free guidance: out_u + w (out_c − out_u), one forward of 2·batch samples ordered
+    (uncond, cond) as diffusers' pipelines order them. ``uncond`` may be None when guidance_scale = 1.
+    """
+
+    cond: Tensor
+    uncond: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.cond.shape[0]
+
+    def to(self, device) -> "TextConditioning":
+        return TextConditioning(self.cond.to(device), None if self.uncond is None else self.uncond.to(device))
 
 
 def _expand(c: Tensor, x: Tensor) -> Tensor:
@@ -111,13 +132,16 @@ class DiffusionModel:
         return labels
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None, embeds: Tensor | None = None) -> Tensor:
         dtype = self.dtype or x.dtype
         if self.is_diffusers:
             kwargs = {} if labels is None else {"class_labels": labels}
+            if embeds is not None:
+                kwargs["encoder_hidden_states"] = embeds.to(dtype)
             out = self.net(x.to(dtype), self.schedule.model_time(t).to(dtype), **kwargs).sample
         else:
-            out = self.net(x, t) if labels is None else self.net(x, t, labels)
+            cond = labels if embeds is None else embeds
+            out = self.net(x, t) if cond is None else self.net(x, t, cond)
         if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
             out = out[:, : x.shape[1]]
         return out.to(x.dtype)
@@ -127,7 +151,16 @@ class DiffusionModel:
 
         A class-conditional model without labels gets its null class. Guidance: out_u + w (out_c − out_u),
         one batched forward of 2·batch samples; it commutes with the (affine) conversions below.
+        ``class_labels`` may also be a :class:`TextConditioning` (text-conditional networks).
         """
+        if isinstance(class_labels, TextConditioning):
+            self.nfe += 1
+            text = class_labels
+            if text.uncond is None or guidance_scale == 1.0:
+                return self._forward(x, t, None, text.cond)
+            both = self._forward(torch.cat([x, x]), torch.cat([t, t]), None, torch.cat([text.uncond, text.cond]))
+            uncond, cond = both.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
         if self.num_classes is not None and class_labels is None:
             class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         self.nfe += 1

@@ -352,3 +352,18 @@ def moment_discrepancy(x: Tensor, reference: Tensor, centers: Tensor) -> MomentD
     t2 = float(d @ torch.linalg.pinv(cov, hermitian=True) @ d)
     scale = 1.0 / len(x) + 1.0 / len(f_ref)
     return MomentDiscrepancy(t2, rank * scale, math.sqrt(2 * rank) * scale, rank)
+
+
+def random_ems(model: DiffusionModel, n_lambda: int, scale: float = 0.05, seed: int = 0):
+    """DPM-Solver-v3 statistics for ``model`` with small random l, s, b (N(0, scale²), float64) on the EMS grid
+    ``compute_ems`` would use: they exercise every correction term of the sampler at the cost of real ones,
+    without the quality (for plumbing tests and timings; a few-sample estimate would be too noisy to stay
+    finite)."""
+    from .samplers.dpm_solver_v3 import EMS
+
+    ems = EMS.zeros(model, n_lambda=n_lambda)
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("l", "s", "b"):
+        setattr(ems, name, scale * torch.randn(ems.l.shape, generator=gen, dtype=torch.float64))
+    ems.info = {"kind": "random", "scale": scale, "seed": seed}
+    return ems
