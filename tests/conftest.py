@@ -20,6 +20,17 @@ def make_tiny_unet(seed: int = 0, num_class_embeds: int | None = None, out_chann
     return unet.eval().requires_grad_(False)
 
 
+class CountingNet:
+    """A plain callable that records its calls (to prove errors come before any network call)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()

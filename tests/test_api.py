@@ -8,18 +8,7 @@ from diffsolve import DiffusionModel, sample
 from diffsolve.schedules import DiscreteVP, VPLinear
 from diffsolve.testing import GaussianMixture
 
-from conftest import make_tiny_unet
-
-
-class CountingNet:
-    """A plain callable that records its calls (to prove errors come before any network call)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return torch.zeros_like(x)
+from conftest import CountingNet, make_tiny_unet
 
 
 @pytest.fixture

@@ -11,16 +11,7 @@ from diffsolve.inverse import (MRI, Inpainting, MatrixOperator, PhaseRetrieval, 
 from diffsolve.schedules import DiscreteVP, VPLinear
 from diffsolve.testing import GaussianMixture
 
-from conftest import make_tiny_unet
-
-
-class CountingNet:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return torch.zeros_like(x)
+from conftest import CountingNet, make_tiny_unet
 
 
 @pytest.fixture

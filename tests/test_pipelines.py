@@ -16,7 +16,7 @@ from diffsolve import DiffusionModel, TextToImageModel, load_model, sample  # no
 from diffsolve.cli import main  # noqa: E402
 from diffsolve.schedules import DiscreteVP  # noqa: E402
 
-from conftest import make_tiny_unet  # noqa: E402
+from conftest import CountingNet, make_tiny_unet  # noqa: E402
 from tiny_sd import LATENT, make_tiny_sd  # noqa: E402
 
 PROMPTS = ["a red cat", "two dogs on grass"]
@@ -112,15 +112,6 @@ def test_prompts_condition_and_no_prompt_is_the_empty_prompt(sd):
     assert torch.equal(sample(model, "ddim", 3, x_T=x_T, decode=False), empty)
     per_sample = sample(model, "ddim", 3, x_T=torch.cat([x_T, x_T]), prompt=["a cat", "a dog"], decode=False)
     assert torch.allclose(per_sample, torch.cat([a, b]), atol=1e-5)
-
-
-class CountingNet:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return torch.zeros_like(x)
 
 
 @pytest.mark.parametrize("kwargs,match", [
