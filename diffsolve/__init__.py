@@ -2,22 +2,19 @@
 
 from . import schedules
 from .api import Inversion, SampleInfo, invert, sample
-from .model import DiffusionModel, Prediction
-from .registry import get_sampler, list_samplers, register_sampler
-from .loading import load_model
+from .core import BudgetExceededError
 from .inverse import solve
+from .loading import load_model
+from .model import DiffusionModel, Prediction, TextConditioning
+from .pipelines import FixedClassUNet, TextToImageModel
+from .registry import get_sampler, list_samplers, register_sampler
 
 __all__ = [
-    "DiffusionModel", "Inversion", "Prediction", "SampleInfo", "get_sampler", "invert", "list_samplers", "load_model",
+    "BudgetExceededError", "DiffsolveScheduler", "DiffusionModel", "FixedClassUNet", "Inversion", "Prediction",
+    "SampleInfo", "TextConditioning", "TextToImageModel", "get_sampler", "invert", "list_samplers", "load_model",
     "register_sampler", "sample", "schedules", "solve",
 ]
 __version__ = "0.1.0"
-
-# Pretrained pipelines (issue 9): text-to-image latent models, and diffsolve samplers as a diffusers scheduler.
-from .model import TextConditioning  # noqa: E402
-from .pipelines import FixedClassUNet, TextToImageModel  # noqa: E402
-
-__all__ += ["DiffsolveScheduler", "FixedClassUNet", "TextConditioning", "TextToImageModel"]
 
 
 def __getattr__(name: str):
