@@ -73,9 +73,10 @@ def gmm_part(schedule, kind: str, args) -> None:
     t_start, t_end = schedule.default_range
     ref = gmm.x0_mean(gmm.sample_xt(args.ref, t_end, seed=args.seed + 1), t_end)
     prior = 1.0 if schedule.is_vp else t_start
-    generator = torch.Generator().manual_seed(args.seed + 2)
+    # --sample-set k draws x_T and the per-sample noise seeds afresh (the mixture and the reference stay)
+    generator = torch.Generator().manual_seed(args.seed + 2 + 1000 * args.sample_set)
     x_T = prior * torch.randn(args.num, args.dim, dtype=torch.float64, generator=generator)
-    seeds = range(args.num)
+    seeds = range(args.sample_set * args.num, (args.sample_set + 1) * args.num)
     print(f"\n## {schedule!r}, {kind} GMM: dim {args.dim}, {args.components} components, {args.num} samples, "
           f"reference {args.ref} exact samples\n")
     print("| method | NFE / sample | batched NFE | T² | floor ± noise | err | (T² − floor)/noise | wall s |")
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--components", type=int, default=3)
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--num", type=int, default=16384, help="samples per method (GMM)")
+    ap.add_argument("--sample-set", type=int, default=0, help="another draw of x_T and noise seeds (GMM)")
     ap.add_argument("--ref", type=int, default=1_000_000, help="exact reference samples (GMM)")
     ap.add_argument("--schedules", nargs="+", default=["vp", "edm"], choices=["vp", "edm"])
     ap.add_argument("--rtols", type=float, nargs="+", default=list(RTOLS))
