@@ -38,15 +38,20 @@ class SamplerSpec:
 _REGISTRY: dict[str, SamplerSpec] = {}
 
 
+def keyword_options(kind: str, name: str, fn: Callable, second: str) -> tuple[dict[str, Any], str]:
+    """The options of ``fn(run, <second>, *, option=default, ...)`` (name → default) and its docstring's first
+    line; a function of another shape is a TypeError naming the ``kind`` ("sampler", "solver") and ``name``."""
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) < 2 or any(p.kind is not p.KEYWORD_ONLY for p in params[2:]):
+        raise TypeError(f"{kind} {name!r}: expected fn(run, {second}, *, options...), got {inspect.signature(fn)}")
+    return {p.name: p.default for p in params[2:]}, (inspect.getdoc(fn) or "").split("\n")[0]
+
+
 def register_sampler(name: str, *, default_grid: str = "time_uniform", adaptive: bool = False):
     """Register ``fn(run, x, *, ...)`` under ``name``."""
 
     def decorate(fn: Callable) -> Callable:
-        params = list(inspect.signature(fn).parameters.values())
-        if len(params) < 2 or any(p.kind is not p.KEYWORD_ONLY for p in params[2:]):
-            raise TypeError(f"sampler {name!r}: expected fn(run, x, *, options...), got {inspect.signature(fn)}")
-        options = {p.name: p.default for p in params[2:]}
-        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        options, summary = keyword_options("sampler", name, fn, "x")
         _REGISTRY[name] = SamplerSpec(name, fn, options, default_grid, adaptive, summary)
         return fn
 

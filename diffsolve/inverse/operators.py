@@ -274,20 +274,18 @@ class MatrixOperator(Operator):
         self.shape_in, self.shape_out = (A.shape[1],), (A.shape[0],)
         self._pinv_matrix = None
 
+    def _common(self, v):
+        """The matrix and ``v`` in one dtype (complex if either is), for a matmul."""
+        A = _cast(self.matrix, v)
+        dtype = torch.promote_types(A.dtype, v.dtype)
+        return A.to(dtype), v.to(dtype)
+
     def _forward(self, x):
-        A = _cast(self.matrix, x)
-        if A.is_complex() and not x.is_complex():
-            x = x.to(A.dtype)
-        elif x.is_complex() and not A.is_complex():
-            A = A.to(x.dtype)
+        A, x = self._common(x)
         return x @ A.T
 
     def _adjoint(self, y):
-        A = _cast(self.matrix, y)
-        if y.is_complex() and not A.is_complex():
-            A = A.to(y.dtype)
-        elif A.is_complex() and not y.is_complex():
-            y = y.to(A.dtype)
+        A, y = self._common(y)
         return y @ A.conj()
 
     def _pinv(self, y):

@@ -9,13 +9,13 @@ The keyword-only parameters are the solver's options, checked by name before any
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ..registry import keyword_options
 from .noise import GaussianNoise, PoissonNoise
 from .operators import Operator
 
@@ -87,15 +87,12 @@ def register_solver(name: str, *, default_steps: int, steps_meaning: str = "step
     function's defaults (a preset)."""
 
     def decorate(fn: Callable) -> Callable:
-        params = list(inspect.signature(fn).parameters.values())
-        if len(params) < 2 or any(p.kind is not p.KEYWORD_ONLY for p in params[2:]):
-            raise TypeError(f"solver {name!r}: expected fn(run, problem, *, options...), got {inspect.signature(fn)}")
-        options = {p.name: p.default for p in params[2:]}
+        options, doc_summary = keyword_options("solver", name, fn, "problem")
         unknown = set(defaults or {}) - set(options)
         if unknown:
             raise TypeError(f"solver {name!r}: defaults for unknown options {sorted(unknown)}")
         options.update(defaults or {})
-        text = summary or (inspect.getdoc(fn) or "").split("\n")[0]
+        text = summary or doc_summary
         _REGISTRY[name] = SolverSpec(name, fn, options, int(default_steps), steps_meaning, text, linear_only,
                                      validate, grid)
         return fn
