@@ -273,6 +273,29 @@ def test_corrector_switches():
     assert torch.equal(trajectory(order=2, pseudo_order=True)[0][-1], trajectory(order=2)[0][-1])  # same at order 2
 
 
+def test_coefficients_prepared_once_and_reused_only_for_the_same_statistics():
+    """Every step's coefficients are prepared before the loop and a repeated run reuses them; statistics edited in place, another grid or other options prepare anew
+    and give what a fresh copy of the statistics gives (no stale coefficients)."""
+    schedule = VPLinear()
+    gmm, model, x_T, ems = gmm_setup(schedule, 3, 3, 43, batch=8, num_samples=128, n_lambda=60)
+    v3._PLAN_CACHE.clear()
+    built_after_step = []
+    first = sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems,
+                   callback=lambda i, t, x, x0: built_after_step.append(len(v3._PLAN_CACHE)))
+    assert built_after_step == [1] * 8  # the whole plan exists after the first step: nothing is built later
+    assert torch.equal(sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems), first)
+    assert len(v3._PLAN_CACHE) == 1
+    sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems, corrector=False)
+    sample(model, "dpm_solver_v3", 6, x_T=x_T, ems=ems)
+    assert len(v3._PLAN_CACHE) == 3
+    ems.b += 0.05
+    edited = sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems)
+    fresh = EMS(ems.t, ems.lam, ems.l.clone(), ems.s.clone(), ems.b.clone(), ems.schedule, ems.prediction,
+                ems.model_hash)
+    assert not torch.equal(edited, first)
+    assert torch.equal(edited, sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=fresh))
+
+
 # ---- storage and bad input ----------------------------------------------------------------------------------
 
 

@@ -822,14 +822,81 @@ class _Coefficients:
         return res
 
 
-def _apply(coef, x_s: Tensor, fs: list[Tensor], to_dev) -> Tensor:
-    a_x, w_f, const = coef
-    out = to_dev(a_x) * x_s
-    for w, f in zip(w_f, fs):
-        out = out + to_dev(w) * f
-    if const is not None:
-        out = out + to_dev(const)
-    return out
+def _step_plan(g, order: int, pseudo_order: bool, corrector: bool, corrector_pseudo: bool, half_corrector,
+               lower_order_final: bool, t_half: float) -> list[tuple[tuple | None, tuple]]:
+    """Per step i: the corrector's update (s, t, nodes, pseudo) that revises x_i before it enters the
+    history (None where none runs), and the predictor's update from x_i to x_{i+1}."""
+    plan, p_prev = [], 0
+    for i in range(g.steps):
+        corr = None
+        if corrector and i >= 1 and (half_corrector is False or (g.t[i] <= t_half) == (half_corrector is True)):
+            c = p_prev + int(bool(corrector_pseudo))
+            if c > 1:
+                corr = (i - 1, i, (i - 1, i, *(i - 2 - k for k in range(c - 2))), bool(corrector_pseudo))
+        p = multistep_order(i, g.steps, order, lower_order_final, final_to_zero=False)
+        plan.append((corr, (i, i + 1, tuple(i - k for k in range(p)), bool(pseudo_order))))
+        p_prev = p
+    return plan
+
+
+class _Update:
+    """x_t = a_x ⊙ x_s + Σ_m w_m ⊙ f_m + const, the coefficients already on the device."""
+
+    __slots__ = ("a_x", "w", "const")
+
+    def __init__(self, a_x, w, const):
+        self.a_x, self.w, self.const = a_x, w, const
+
+    def __call__(self, x_s: Tensor, fs: list[Tensor]) -> Tensor:
+        out = self.a_x * x_s
+        for w, f in zip(self.w, fs):
+            out = out + w * f
+        return out if self.const is None else out + self.const
+
+
+def _device_plan(coef: _Coefficients, plan, shape: tuple[int, ...], dtype, device):
+    """Every step's coefficients computed on the host before sampling starts and moved to the device in one
+    copy, so the loop does no host work and no transfer. Returns (l_i or None per step, [(corrector or None,
+    predictor) per step])."""
+    arrays: list[np.ndarray] = []
+
+    def slot(c):
+        if isinstance(c, float) or np.ndim(c) == 0:
+            return float(c)
+        arrays.append(np.asarray(c, dtype=np.float64).reshape(-1))
+        return len(arrays) - 1
+
+    def update(key):
+        if key is None:
+            return None
+        a_x, w, const = coef.step(key[0], key[1], list(key[2]), key[3])
+        return slot(a_x), [slot(c) for c in w], None if const is None else slot(const)
+
+    l_slots = [None if coef.zero else slot(coef.l_at(i)) for i in range(len(plan))]
+    slots = [(update(corr), update(pred)) for corr, pred in plan]
+    stacked = torch.as_tensor(np.stack(arrays), dtype=dtype).to(device).reshape(-1, *shape) if arrays else None
+    dev = lambda c: stacked[c] if isinstance(c, int) else c
+    make = lambda u: None if u is None else _Update(dev(u[0]), [dev(c) for c in u[1]], dev(u[2]))
+    return [dev(c) for c in l_slots], [(make(c), make(p)) for c, p in slots]
+
+
+#: coefficient plans of recent runs: repeated runs with the same statistics, grid and options (the batches of
+#: an FID job, a sweep) reuse them; keyed by the statistics' content, so editing an EMS in place is safe
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_SIZE = 8
+
+
+def _cached_device_plan(stats: EMS, idx: np.ndarray, g, plan, shape: tuple[int, ...], dtype, device):
+    h = hashlib.sha256()
+    for name in ("lam", "l", "s", "b"):
+        h.update(getattr(stats, name).to(F64).contiguous().numpy().tobytes())
+    key = (h.hexdigest(), np.asarray(g.t, dtype=np.float64).tobytes(), tuple(plan), shape, dtype, str(device))
+    if key not in _PLAN_CACHE:
+        coef = _Coefficients(stats, idx, np.asarray(g.lam, dtype=np.float64), g.alpha, g.sigma)
+        while len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+        _PLAN_CACHE[key] = _device_plan(coef, plan, shape, dtype, device)
+    return _PLAN_CACHE[key]
 
 
 @register_sampler("dpm_solver_v3", default_grid="time_quadratic")
@@ -862,38 +929,20 @@ def dpm_solver_v3(run, x, *, ems=None, order: int = 3, pseudo_order: bool = Fals
     idx, snapped = snap_to_ems(g, stats)
     run.set_grid(snapped)
     g = run.grid
-    coef = _Coefficients(stats, idx, np.asarray(g.lam, dtype=np.float64), g.alpha, g.sigma)
-    cache: dict = {}
-
-    def to_dev(c):
-        if isinstance(c, float) or np.ndim(c) == 0:
-            return float(c)
-        k = id(c)
-        if k not in cache:
-            cache[k] = (c, torch.as_tensor(c, dtype=x.dtype, device=x.device).reshape(x.shape[1:]))
-        return cache[k][1]
-
     t_half = 0.5 * float(model.schedule.valid_range[1])
-    xs: list[Tensor] = []
-    fs: list[Tensor] = []
-    p_prev = 0
+    plan = _step_plan(g, order, bool(pseudo_order), corrector, corrector_pseudo, half_corrector, lower_order_final,
+                      t_half)
+    l_steps, updates = _cached_device_plan(stats, idx, g, plan, tuple(x.shape[1:]), x.dtype, x.device)
+    x_at: dict[int, Tensor] = {}  # x_m and f_m of the last steps, by step index m (the plan's nodes)
+    f_at: dict[int, Tensor] = {}
     for i in run.steps("dpm_solver_v3"):
         pred = run.predict(x, i)
-        f = pred.x0 if coef.zero else pred.x0 - to_dev(coef.l_at(i)) * x / float(g.alpha[i])
-        use_c = corrector and i >= 1 and (
-            half_corrector is False or (g.t[i] <= t_half) == (half_corrector is True))
-        if use_c:
-            c = p_prev + int(bool(corrector_pseudo))
-            if c > 1:
-                nodes = [i - 1, i] + [i - 2 - k for k in range(c - 2)]
-                fs_nodes = [fs[-1], f] + [fs[-2 - k] for k in range(c - 2)]
-                x = _apply(coef.step(i - 1, i, nodes, bool(corrector_pseudo)), xs[-1], fs_nodes, to_dev)
-        xs.append(x)
-        fs.append(f)
-        del xs[:-4], fs[:-4]
-        p = multistep_order(i, steps, order, lower_order_final, final_to_zero=False)
-        nodes = [i - k for k in range(p)]
-        x = _apply(coef.step(i, i + 1, nodes, bool(pseudo_order)), xs[-1], [fs[-1 - k] for k in range(p)], to_dev)
-        p_prev = p
+        f_at[i] = pred.x0 if l_steps[i] is None else pred.x0 - l_steps[i] * x / float(g.alpha[i])
+        (corrector_key, predictor_key), (corrector_update, predictor_update) = plan[i], updates[i]
+        if corrector_update is not None:
+            x = corrector_update(x_at[i - 1], [f_at[m] for m in corrector_key[2]])
+        x_at[i] = x
+        x_at.pop(i - 4, None), f_at.pop(i - 4, None)
+        x = predictor_update(x, [f_at[m] for m in predictor_key[2]])
         run.step_done(i, x, pred.x0)
     return x
