@@ -153,23 +153,27 @@ class DiffusionModel:
         one batched forward of 2·batch samples; it commutes with the (affine) conversions below.
         ``class_labels`` may also be a :class:`TextConditioning` (text-conditional networks).
         """
+        self.nfe += 1
         if isinstance(class_labels, TextConditioning):
-            self.nfe += 1
             text = class_labels
             if text.uncond is None or guidance_scale == 1.0:
                 return self._forward(x, t, None, text.cond)
-            both = self._forward(torch.cat([x, x]), torch.cat([t, t]), None, torch.cat([text.uncond, text.cond]))
-            uncond, cond = both.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
+            return self._guided(x, t, guidance_scale, embeds=(text.uncond, text.cond))
         if self.num_classes is not None and class_labels is None:
             class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        self.nfe += 1
         if class_labels is None or guidance_scale == 1.0:
             labels = None if class_labels is None else class_labels.to(x.device)
             return self._forward(x, t, labels)
-        null = torch.full_like(class_labels, self.null_class)
-        both = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]).to(x.device))
-        cond, uncond = both.chunk(2)
+        labels = class_labels.to(x.device)
+        return self._guided(x, t, guidance_scale, labels=(torch.full_like(labels, self.null_class), labels))
+
+    def _guided(self, x: Tensor, t: Tensor, guidance_scale: float, labels: tuple | None = None,
+                embeds: tuple | None = None) -> Tensor:
+        """out_u + w (out_c − out_u) from one forward of the batch [unconditional; conditional] (diffusers'
+        order); ``labels`` / ``embeds`` are (unconditional, conditional) pairs."""
+        both = self._forward(torch.cat([x, x]), torch.cat([t, t]), None if labels is None else torch.cat(labels),
+                             None if embeds is None else torch.cat(embeds))
+        uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
     def predict(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Prediction:
