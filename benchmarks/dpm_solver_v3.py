@@ -4,8 +4,10 @@
     python benchmarks/dpm_solver_v3.py --skip-digits16       # GMM oracle only
     python benchmarks/dpm_solver_v3.py --gmm 8,4,0 6,4,12 --batch 256 --nfe 5 6 8 10 12 15 20
     python benchmarks/dpm_solver_v3.py --derivative-ablation 64  # + digits16 EMS by each derivative method
+    python benchmarks/dpm_solver_v3.py --skip-digits16 --beta-schedule squaredcos_cap_v2 --gmm 3,3,11 6,4,12 10,5,13
 
-GMM oracle: random mixtures (dim, components, seed) under diffusers' discrete DDPM linear schedule (N = 1000),
+GMM oracle: random mixtures (dim, components, seed) under a diffusers discrete DDPM schedule (N = 1000, linear
+unless ``--beta-schedule``),
 t = 1 → 1/N; RMSE to the exact PF-ODE solution (DOP853, rtol 1e-12). The statistics are computed from
 ``num_samples`` samples of the mixture (never from its closed form). digits16: RMSE to a 1000-step
 reference solution (our DPM-Solver++ 3M, logSNR grid) from the same x_T, per pixel in [−1, 1], with the
@@ -128,9 +130,11 @@ def print_table(title: str, nfe: list[int], rows: dict) -> None:
           + " |")
 
 
-def gmm_benchmark(spec: tuple[int, int, int], nfe: list[int], batch: int, num_samples: int, n_lambda: int) -> None:
+def gmm_benchmark(spec: tuple[int, int, int], nfe: list[int], batch: int, num_samples: int, n_lambda: int,
+                  beta_schedule: str = "linear") -> None:
     dim, components, seed = spec
-    schedule = DiscreteVP.from_config(DDPMScheduler(**DDPM).config)
+    config = {**DDPM, "beta_schedule": beta_schedule}
+    schedule = DiscreteVP.from_config(DDPMScheduler(**config).config)
     gmm = GaussianMixture.random(dim, components, schedule, seed=seed)
     model = gmm.as_model()
     x_T = torch.randn(batch, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -147,9 +151,9 @@ def gmm_benchmark(spec: tuple[int, int, int], nfe: list[int], batch: int, num_sa
         return ((x - exact[t_first]) ** 2).mean().sqrt().item()
 
     rows = our_rows(model, nfe, ems, rmse, x_T=x_T)
-    for name, make in diffusers_methods(DDPM).items():
+    for name, make in diffusers_methods(config).items():
         rows[name] = [rmse(*run_diffusers(make(), gmm.eps, schedule, x_T, n)) for n in nfe]
-    print_table(f"GMM oracle: dim {dim}, {components} components (seed {seed}), batch {batch}, DDPM linear, t 1 → 1/N; "
+    print_table(f"GMM oracle: dim {dim}, {components} components (seed {seed}), batch {batch}, DDPM {beta_schedule}, t 1 → 1/N; "
                 f"RMSE to the exact solution. EMS: K = {num_samples}, n_lambda = {n_lambda}, "
                 f"{ems_seconds:.1f} s on CPU ({torch.get_num_threads()} thread(s))", nfe, rows)
 
@@ -223,6 +227,8 @@ def digits16_benchmark(nfe: list[int], batch: int, ems_path: str | None, referen
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gmm", nargs="*", default=["8,4,0", "6,4,12"], help="mixtures as dim,components,seed")
+    ap.add_argument("--beta-schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+                    help="the GMM oracle's discrete schedule (diffusers' beta_schedule)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--num-samples", type=int, default=512, help="K for the GMM statistics")
     ap.add_argument("--n-lambda", type=int, default=120)
@@ -235,7 +241,8 @@ def main() -> None:
                     help="also compute digits16 statistics from K samples with each derivative method (0: skip)")
     args = ap.parse_args()
     for spec in args.gmm:
-        gmm_benchmark(tuple(int(v) for v in spec.split(",")), args.nfe, args.batch, args.num_samples, args.n_lambda)
+        gmm_benchmark(tuple(int(v) for v in spec.split(",")), args.nfe, args.batch, args.num_samples, args.n_lambda,
+                      args.beta_schedule)
     if not args.skip_digits16:
         digits16_benchmark(args.nfe, args.digits_batch, args.ems, args.reference_steps, args.derivative_ablation)
 
