@@ -20,6 +20,17 @@ No back-propagation through the network. At every DDIM step, with Tweedie's x̂0
 Where A Aᴴ is a projector (single-coil Cartesian MRI, inpainting) CG reaches the exact projection
 x̂0 − A⁺(A x̂0 − y) in one step, which is what the official code special-cases. Under Poisson noise AᴴA and
 Aᴴy carry the relative inverse-variance weights W (Aᴴ W A, Aᴴ W y).
+
+Where DDS is weak: the paper's case for skipping the manifold-constrained gradient is that the CG update
+stays on the clean-data manifold when the Krylov subspace K_M(AᴴA, Aᴴ(y − A x̂0)) lies in the manifold's
+tangent space at x̂0. That is plausible for blur, super-resolution, MRI and CT, and fails for two operators:
+for a mask the subspace is spanned by the observed pixels alone, so the update overwrites them and never
+moves a missing one (the hole hears of y only through later denoiser calls); for A = I it is span{y − x̂0},
+mostly measurement noise, so every step pulls x̂0 a fraction γ/(1 + γ) toward the noisy y. DPS moves the
+missing pixels with the observed ones through the denoiser's Jacobian. On digits16 DDS matches or beats
+1000-step DPS on SR and both blurs at 20–50 steps and trails it on inpainting (3–4 dB) and denoising
+(≈ 0.8 dB), with more steps, other γ or η, and averaged samples alike (``benchmarks/inverse_tuning.py
+dds-gap``, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -14,19 +14,19 @@ How the papers' hyperparameters are adapted (256×256×3 → H×W×C; digits16: 
   gradient of the *unsquared* residual norm, a unit-norm direction, so a dimension argument suggests
   ζ·√(M/M_paper) (0.036 × the paper's at 16²: the step relative to the residual left at the noise level,
   σ_y·√M, stays the same); that under-fits the measurement badly here (DPS below the pseudo-inverse on 4 of
-  6 tasks). Tuned instead on *training* digits (3 per task, DPS at 250 steps with ζ·steps fixed,
-  multipliers ¼, 1, 4, 16, 64 of the dimension-scaled value; PSNR in dB for ×4 / ×16 / ×64: box
-  33.5 / 31.8 / 21.8, random 31.0 / 35.1 / 24.6, SR 19.8 / 26.1 / 26.8, Gaussian blur 31.5 / 32.9 / 28.0,
-  motion blur 32.5 / 33.1 / 27.4, denoise 25.9 / 24.7 / 21.2; ×¼ and ×1 gave 12–16 dB everywhere): ×16,
-  i.e. 0.58 × the paper's ζ, is best or within 1.7 dB of the best on every task; 0.5 × is the preset;
+  6 tasks). Tuned instead on *training* digits (``OMP_NUM_THREADS=1 python benchmarks/inverse_tuning.py dps-zeta``:
+  3 digits per task, DPS at 250 steps with ζ·steps fixed, multipliers ¼, 1, 4, 16, 64 of the dimension-scaled
+  value; PSNR in dB for ×1 / ×4 / ×16 / ×64: box 24.2 / 31.6 / 32.6 / 21.5, random 23.4 / 32.4 / 35.2 / 25.3,
+  SR 15.3 / 20.9 / 24.9 / 22.7, Gaussian blur 19.3 / 29.6 / 34.6 / 28.6, motion blur 20.2 / 30.8 / 36.4 / 28.6,
+  denoise 18.6 / 26.7 / 26.0 / 17.9; ×¼ gave 12.6–16.6 dB everywhere): ×16, i.e. 0.58 × the paper's ζ, is
+  best on five tasks and within 0.7 dB of the best on denoising (3 digits: ± 0.4–1.7 dB); 0.5 × is the preset;
 - DDS: the paper's 50 steps and 5 CG steps; γ matched to the noise (see ``dds``); η (the fraction of fresh
-  noise, the paper's 0.85) tuned on the same training digits as DPS's ζ (8 per task; PSNR in dB for η = 0 /
-  0.5 / 0.85 / 1): box 23.4 / 27.7 / 26.6 / 26.3, random 30.6 / 31.0 / 30.3 / 28.3, SR 23.6 / 25.6 / 26.2 /
-  25.0, Gaussian blur 25.5 / 30.1 / 32.3 / 32.8, motion blur 17.9 / 25.4 / 31.6 / 32.9, denoise 15.9 / 19.4 /
-  25.5 / 26.4; so η = 0.5 for inpainting, 0.85 for SR, 1 for the blurs and denoising. The official code's constant
-  γ = 1 (η = 0.85, an earlier checkpoint of the model) scored 3.9–13.8 dB lower than the matched γ on SR,
-  random inpainting, Gaussian blur and denoising, 0.8 dB lower on box inpainting and 2.2 dB higher on
-  motion blur;
+  noise, the paper's 0.85) tuned on training digits (``benchmarks/inverse_tuning.py dds-eta``: 8 per task;
+  PSNR in dB for η = 0 / 0.5 / 0.85 / 1): box 23.4 / 27.3 / 26.3 / 26.2, random 30.5 / 31.0 / 30.7 / 28.6,
+  SR 23.0 / 24.7 / 25.1 / 24.2, Gaussian blur 25.2 / 29.8 / 32.1 / 32.8, motion blur 17.9 / 25.6 / 32.4 / 33.6,
+  denoise 16.1 / 19.5 / 25.4 / 26.1; so η = 0.5 for inpainting, 0.85 for SR, 1 for the blurs and denoising.
+  The official code's constant γ = 1 (at η = 0.85) scores lower on every task: by 0.6 dB on box inpainting,
+  3.1–5.5 dB on random inpainting and the blurs, 7.5 dB on denoising and 13.8 dB on SR;
 - DAPS: the official per-task Langevin step (SR, Gaussian blur, random inpainting 1e-4; box inpainting,
   motion blur 5e-5; decaying to 1 %) and likelihood width: the official loss ‖A x − y‖²/τ² with τ = 0.01
   is our ½‖A x − y‖²/τ² with τ = 0.01/√2; these do not depend on the image size (per-pixel quantities).
