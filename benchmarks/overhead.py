@@ -104,6 +104,23 @@ def main() -> None:
     print(f"\nratio diffsolve dpm_solver_pp / diffusers DPMSolverMultistepScheduler: "
           f"{ref['diffsolve dpm_solver_pp'] / ref['diffusers DPMSolverMultistepScheduler']:.3f}")
 
+    # the samplers' own cost, free of the network's timing noise: the same runs over a network that costs
+    # nothing (ε̂ = 0), so the wall time is the sampler's update arithmetic, grid, noise and bookkeeping
+    free = DiffusionModel(lambda x_t, t_: torch.zeros_like(x_t), DiscreteVP.from_config(config),
+                          sample_shape=tuple(x.shape[1:]))
+    free_ems = Path(tempfile.mkdtemp()) / "ems.safetensors"
+    random_ems(free, n_lambda=120).save(free_ems)
+    print(f"\nsampler's own time per network evaluation over a free network (ε̂ = 0), batch {args.batch}:\n")
+    print("| sampler | own time per evaluation (ms) | relative to one bare UNet call |")
+    print("|---|---|---|")
+    for name in names:
+        opts = {"ems": str(free_ems)} if name == "dpm_solver_v3" else {}
+        free.reset_nfe()
+        sample(free, name, args.steps, x_T=x, **opts)
+        nfe = free.nfe
+        own = timed(lambda: sample(free, name, args.steps, x_T=x, **opts), args.repeats, device) / nfe
+        print(f"| {name} | {own * 1e3:.3f} | {own / call:.3f} |")
+
     # diffsolve samplers as a diffusers scheduler (DiffsolveScheduler) inside an unmodified DDPMPipeline, against
     # diffsolve.sample with the same sampler, steps and noise: the cost of the hand-off to the sampler's worker
     # thread and of the pipeline's own loop (the pipeline draws x_T and post-processes to [0, 1] as well)
