@@ -79,14 +79,19 @@ def _cmd_sample(args, options, parser) -> int:
     return 0
 
 
+def print_specs(specs, width: int, details) -> None:
+    """One entry per registered method (``diffsolve samplers``, ``diffsolve solvers``): its name and summary,
+    then ``details(spec, options)`` under them, ``options`` its options with their defaults."""
+    for spec in specs:
+        opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "(no options)"
+        print(f"{spec.name:{width}s} {spec.summary}\n{'':{width}s} {details(spec, opts)}")
+
+
 def _cmd_samplers(args, options, parser) -> int:
     from .registry import get_sampler, list_samplers
 
-    for name in list_samplers():
-        spec = get_sampler(name)
-        opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "(no options)"
-        kind = "adaptive" if spec.adaptive else f"grid: {spec.default_grid}"
-        print(f"{name:16s} {spec.summary}\n{'':16s} options: {opts}; {kind}")
+    print_specs(map(get_sampler, list_samplers()), 16, lambda spec, opts: f"options: {opts}; " + (
+        "adaptive" if spec.adaptive else f"grid: {spec.default_grid}"))
     return 0
 
 

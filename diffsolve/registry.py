@@ -35,7 +35,34 @@ class SamplerSpec:
             raise TypeError(f"sampler {self.name!r} got unknown option(s) {unknown}; its options are: {valid}")
 
 
-_REGISTRY: dict[str, SamplerSpec] = {}
+class Registry(dict):
+    """Specs by name for one kind of method ("sampler", "solver"); the built-in ones register on first lookup
+    (``load_builtin`` imports their modules)."""
+
+    def __init__(self, kind: str, load_builtin: Callable[[], None]):
+        super().__init__()
+        self.kind, self._load_builtin = kind, load_builtin
+
+    def spec(self, name: str):
+        self._load_builtin()
+        if not isinstance(name, str) or name not in self:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self))}")
+        return self[name]
+
+    def names(self) -> list[str]:
+        self._load_builtin()
+        return sorted(self)
+
+
+def _load_builtin() -> None:
+    from . import samplers  # noqa: F401  (registers the built-in samplers on import)
+
+
+_REGISTRY: Registry = Registry("sampler", _load_builtin)
+#: ``get_sampler(name) -> SamplerSpec`` (a ValueError listing the valid names for an unknown one)
+get_sampler = _REGISTRY.spec
+#: ``list_samplers() -> list[str]``, sorted
+list_samplers = _REGISTRY.names
 
 
 def keyword_options(kind: str, name: str, fn: Callable, second: str) -> tuple[dict[str, Any], str]:
@@ -68,19 +95,3 @@ def register_inversion(name: str):
         return fn
 
     return decorate
-
-
-def get_sampler(name: str) -> SamplerSpec:
-    _load_builtin()
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def list_samplers() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    from . import samplers  # noqa: F401  (registers the built-in samplers on import)

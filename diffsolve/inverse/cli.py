@@ -100,12 +100,11 @@ def _cmd_restore(args, options, parser) -> int:
 
 
 def _cmd_solvers(args, options, parser) -> int:
+    from ..cli import print_specs
     from .registry import get_solver, list_solvers
 
-    for name in list_solvers():
-        spec = get_solver(name)
-        opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items()) or "(no options)"
-        print(f"{name:10s} {spec.summary}\n{'':10s} steps: {spec.default_steps} {spec.steps_meaning}; options: {opts}")
+    print_specs(map(get_solver, list_solvers()), 10,
+                lambda spec, opts: f"steps: {spec.default_steps} {spec.steps_meaning}; options: {opts}")
     return 0
 
 

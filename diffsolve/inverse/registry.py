@@ -9,13 +9,13 @@ The keyword-only parameters are the solver's options, checked by name before any
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from ..registry import keyword_options
+from ..registry import Registry, keyword_options
 from .noise import GaussianNoise, PoissonNoise
 from .operators import Operator
 
@@ -60,7 +60,6 @@ class SolverSpec:
     validate: Callable | None = None
     #: ``grid(schedule, steps, options) -> times`` (float64, decreasing, ending at 0); default time-uniform
     grid: Callable | None = None
-    aliases: tuple[str, ...] = field(default=())
 
     def check_options(self, options: dict[str, Any]) -> None:
         unknown = sorted(set(options) - set(self.options))
@@ -77,7 +76,15 @@ class SolverSpec:
         raise TypeError(f"solver {self.name!r} got unknown option(s) {unknown}{hint}; its options are: {valid}")
 
 
-_REGISTRY: dict[str, SolverSpec] = {}
+def _load_builtin() -> None:
+    from . import daps, dds, dps  # noqa: F401  (registering on import)
+
+
+_REGISTRY: Registry = Registry("solver", _load_builtin)
+#: ``get_solver(name) -> SolverSpec`` (a ValueError listing the valid names for an unknown one)
+get_solver = _REGISTRY.spec
+#: ``list_solvers() -> list[str]``, sorted
+list_solvers = _REGISTRY.names
 
 
 def register_solver(name: str, *, default_steps: int, steps_meaning: str = "steps", linear_only: bool = False,
@@ -98,22 +105,6 @@ def register_solver(name: str, *, default_steps: int, steps_meaning: str = "step
         return fn
 
     return decorate
-
-
-def get_solver(name: str) -> SolverSpec:
-    _load_builtin()
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown solver {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def list_solvers() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    from . import daps, dds, dps  # noqa: F401  (registering on import)
 
 
 # ---- option checks shared by the solvers ----------------------------------------------------------------
