@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
+
+from .files import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -34,18 +34,9 @@ def make_grid(x: torch.Tensor, per_row: int | None = None, pad: int = 1, scale: 
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write atomically: a reader never sees a half-written file, and an interrupted write leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (:func:`diffsolve.files.atomic_write`)."""
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def load_png(path: str | Path) -> torch.Tensor:

@@ -32,6 +32,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm import tqdm
 
 from diffsolve.data import digits
+from diffsolve.files import atomic_write
 
 NUM_CLASSES = 10  # the null class used for guidance is index NUM_CLASSES
 
@@ -57,12 +58,6 @@ def build_scheduler() -> DDPMScheduler:
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
         prediction_type="epsilon", clip_sample=False,
     )
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -130,11 +125,9 @@ def main() -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            atomic_torch_save(
-                {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "gen": gen.get_state(), "step": step},
-                ckpt_path,
-            )
+            state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "gen": gen.get_state(), "step": step}
+            atomic_write(ckpt_path, lambda f: torch.save(state, f))
     bar.close()
 
     ema.eval()

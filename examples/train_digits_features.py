@@ -13,15 +13,13 @@ the held-out accuracy is printed and stored in the file's metadata.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from diffsolve.data import digits
+from diffsolve.files import atomic_write
 from diffsolve.fid.features import DigitsCNN, to_uint8
 
 
@@ -79,15 +77,9 @@ def main() -> None:
     with torch.no_grad():
         acc = (net(x_test).argmax(1) == y_test).float().mean().item()
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp, metadata={"arch": DigitsCNN.ARCH, "feature_dim": str(DigitsCNN.FEATURE_DIM),
-                                    "held_out_accuracy": f"{acc:.4f}", "seed": str(args.seed),
-                                    "epochs": str(args.epochs)})
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped file is world-readable
-    os.replace(tmp, out)
+    metadata = {"arch": DigitsCNN.ARCH, "feature_dim": str(DigitsCNN.FEATURE_DIM), "held_out_accuracy": f"{acc:.4f}",
+                "seed": str(args.seed), "epochs": str(args.epochs)}
+    out = atomic_write(args.out, lambda f: f.write(save(state, metadata=metadata)))
     print(f"held-out accuracy {acc:.4f}; wrote {out} ({out.stat().st_size / 1024:.0f} KiB)")
 
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from .features import FeatureExtractor, file_digest, get_extractor, to_uint8
 from .stats import Statistics, kid
 
@@ -97,23 +97,8 @@ def _broadcast(obj):
 
 
 # ---- atomic files --------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
 # ---- image sources -------------------------------------------------------------------------------------
@@ -284,7 +269,7 @@ def write_shard(shard: Shard, features: np.ndarray, nfe: np.ndarray, seconds: fl
     arrays = {"features": features, "nfe": np.asarray(nfe, dtype=np.float64), "start": np.array(shard.start),
               "stop": np.array(shard.stop), "settings": np.array(settings_digest), "digest": np.array(digest),
               "seconds": np.array(float(seconds))}
-    _atomic_write(shard.path, lambda f: np.savez(f, **arrays))
+    atomic_write(shard.path, lambda f: np.savez(f, **arrays))
 
 
 def read_shard(shard: Shard, dim: int, settings_digest: str) -> tuple[dict | None, str]:

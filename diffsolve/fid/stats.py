@@ -15,12 +15,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..files import atomic_write
 
 STATS_FORMAT = "diffsolve-fid-stats-v1"
 
@@ -134,22 +134,11 @@ class Statistics:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically to ``path`` (``.npz``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"format": np.array(STATS_FORMAT), "mu": self.mu, "sigma": self.sigma,
                   "count": np.array(self.count), "extractor": np.array(self.extractor)}
         if self.kid_features is not None:
             arrays["kid_features"] = self.kid_features
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> "Statistics":

@@ -88,6 +88,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import exp_moments, lagrange_basis_coefficients, multistep_order
+from ..files import atomic_write
 from ..model import DiffusionModel
 from ..registry import register_sampler
 
@@ -215,7 +216,7 @@ class EMS:
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> None:
         """Write a safetensors file: tensors ``t``, ``lambda`` (float64) and ``l``, ``s``, ``b`` (``dtype``),
         with the identity fields as metadata."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {"t": self.t.to(F64).contiguous(), "lambda": self.lam.to(F64).contiguous(),
                    **{k: getattr(self, k).to(dtype).contiguous() for k in ("l", "s", "b")}}
@@ -224,11 +225,7 @@ class EMS:
                 "guidance_scale": repr(float(self.guidance_scale)), "num_samples": str(int(self.num_samples)),
                 "n_lambda": str(self.n_lambda), "parameterization": "data-prediction (l = 1 - l_paper, b = -b_paper)",
                 "info": json.dumps(self.info)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EMS":
@@ -655,13 +652,11 @@ def _finish(acc: dict, n: int, lam: np.ndarray):
 
 
 def _save_checkpoint(path: Path, config: dict, acc: dict, position: tuple[int, int], elapsed: float) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"config": json.dumps(config, sort_keys=True), "batch": str(position[0]), "lambda_index": str(position[1]),
             "elapsed": repr(elapsed)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: torch.from_numpy(v) for k, v in acc.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(save({k: torch.from_numpy(v) for k, v in acc.items()}, metadata=meta)))
 
 
 def _load_checkpoint(path: Path, config: dict, acc: dict) -> tuple[int, int, float]:
