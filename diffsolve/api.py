@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .core import Run, SeededNoise, TimeGrid
+from .core import Run, SeededNoise, TimeGrid, batch_seeds
 from .model import DiffusionModel
 from .pipelines import check_prompts
 from .registry import get_sampler, list_samplers
@@ -99,10 +99,7 @@ def _resolve_batch(model: DiffusionModel, shape, x_T, seeds) -> tuple[tuple[int,
     batch = shape[0]
     if batch < 1:
         raise ValueError(f"shape: the batch size must be >= 1, got {shape}")
-    seeds_t = torch.arange(batch, dtype=torch.int64) if seeds is None else torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
-    if len(seeds_t) != batch:
-        raise ValueError(f"seeds: expected one seed per sample ({batch}), got {len(seeds_t)}")
-    return shape, seeds_t
+    return shape, batch_seeds(seeds, batch)
 
 
 def sample(

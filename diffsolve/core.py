@@ -57,6 +57,15 @@ def splitmix64_mix(z: Tensor) -> Tensor:
     return z ^ _shift_right(z, 31)
 
 
+def batch_seeds(seeds: Sequence[int] | Tensor | None, batch: int, per: str = "sample") -> Tensor:
+    """One int64 seed per batch element, 0 … batch−1 by default; a count other than ``batch`` is an error that
+    says what each seed is for (``per``: "sample", "measurement")."""
+    seeds_t = torch.arange(batch, dtype=torch.int64) if seeds is None else torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+    if len(seeds_t) != batch:
+        raise ValueError(f"seeds: expected one seed per {per} ({batch}), got {len(seeds_t)}")
+    return seeds_t
+
+
 class SeededNoise:
     """Standard normal noise for a batch, where sample k depends only on ``seeds[k]``.
 

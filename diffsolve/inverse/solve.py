@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core import Run, SeededNoise, TimeGrid
+from ..core import Run, SeededNoise, TimeGrid, batch_seeds
 from ..model import DiffusionModel
 from .noise import PoissonNoise, as_noise
 from .operators import Operator
@@ -139,12 +139,7 @@ def solve(
         raise ValueError(f"steps: expected an integer >= 1 ({spec.steps_meaning} of {spec.name}), got {steps!r}")
     steps = int(steps)
     batch = y.shape[0]
-    if seeds is None:
-        seeds_t = torch.arange(batch, dtype=torch.int64)
-    else:
-        seeds_t = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
-    if len(seeds_t) != batch:
-        raise ValueError(f"seeds: expected one seed per measurement ({batch}), got {len(seeds_t)}")
+    seeds_t = batch_seeds(seeds, batch, per="measurement")
     labels = model.check_conditioning(batch, class_labels, float(guidance_scale))
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
