@@ -235,7 +235,8 @@ def _sampler_options(items: list[str], samplers: list[str]) -> dict[str, dict]:
 def cmd_sweep(args, options, parser) -> int:
     from pathlib import Path
 
-    from .run import _atomic_write, init_distributed
+    from ..files import atomic_write
+    from .run import init_distributed
     from .sweep import markdown_table, plot, require_matplotlib, sweep
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
@@ -258,7 +259,7 @@ def cmd_sweep(args, options, parser) -> int:
     table = markdown_table(rows, title)
     print(table, end="")
     if args.out_md:
-        _atomic_write(Path(args.out_md), lambda f: f.write(table.encode()))
+        atomic_write(Path(args.out_md), lambda f: f.write(table.encode()))
     if args.out_png and any(r["fid"] is not None for r in rows):
         plot(rows, args.out_png, f"{Path(args.model).name}: FID ({extractor.name} features) vs NFE, {args.num} samples")
     return 0 if all(r["fid"] is not None for r in rows) else INCOMPLETE

@@ -7,8 +7,9 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+from ..files import atomic_write
 from .features import FeatureExtractor
-from .run import FIDResult, Incomplete, ModelSource, _atomic_write, evaluate
+from .run import FIDResult, Incomplete, ModelSource, evaluate
 from .stats import Statistics
 
 
@@ -112,5 +113,5 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
     fig.savefig(buf, format="png")
     plt.close(fig)
     path = Path(path)
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
     return path
