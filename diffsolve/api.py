@@ -4,7 +4,6 @@ is called."""
 from __future__ import annotations
 
 import numbers
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -175,9 +174,8 @@ def sample(
     run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(seeds_t, device=device), class_labels=labels,
               guidance_scale=float(guidance_scale), callback=callback, progress=progress, device=device)
     if x_T is None:
-        prior_std = 1.0 if model.schedule.is_vp else float(run.grid.sigma[0])
-        x_T = prior_std * run.noise.normal(shape[1:], step=-1, dtype=dtype)
-    x, nfe, wall = _timed(run, spec.fn, x_T, options)
+        x_T = run.prior_noise(shape[1:], dtype)
+    x, nfe, wall = run.execute(spec.fn, x_T, options)
     if decode and getattr(model, "is_latent", False):
         x = model.decode(x)
     if not return_info:
@@ -191,18 +189,6 @@ def _check_model_and_sampler(model, sampler: str, options: dict):
     spec = get_sampler(sampler)
     spec.check_options(options)
     return spec
-
-
-def _timed(run: Run, fn: Callable, x: Tensor, options: dict):
-    """Run a sampler (or an inversion), then check for NaN/Inf: (output, NFE, wall seconds)."""
-    nfe_before = run.model.nfe
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = fn(run, x, **options)
-    run.check_finite()
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    return out, run.model.nfe - nfe_before, time.perf_counter() - start
 
 
 @dataclass
@@ -267,5 +253,5 @@ def invert(
     labels = None if labels is None else labels.to(x0.device)
     run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(range(x0.shape[0]), device=x0.device),
               class_labels=labels, guidance_scale=float(guidance_scale), progress=progress, device=x0.device)
-    (x_T, extra), nfe, _ = _timed(run, spec.inverse, x0, options)
+    (x_T, extra), nfe, _ = run.execute(spec.inverse, x0, options)
     return Inversion(x_T, extra, spec.name, steps, ts, dict(options), nfe)

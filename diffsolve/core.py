@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -277,6 +278,24 @@ class Run:
     def predict_at(self, x: Tensor, t: Tensor) -> Prediction:
         """(ε̂, x̂0) at per-sample times ``t`` of shape (batch,)."""
         return self.model.predict(x, t, self.class_labels, self.guidance_scale)
+
+    def prior_noise(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        """x at the grid's first time drawn from the prior, seeded per sample: N(0, I) for VP schedules,
+        σ_0·N(0, I) for VE."""
+        prior_std = 1.0 if self.grid.schedule.is_vp else float(self.grid.sigma[0])
+        return prior_std * self.noise.normal(shape, step=-1, dtype=dtype)
+
+    def execute(self, fn: Callable, x, options: dict):
+        """``fn(self, x, **options)`` (a sampler, an inversion or a solver) without gradients, then one NaN/Inf
+        check: (output, NFE, wall seconds, the device synchronised before the clock stops)."""
+        nfe_before = self.model.nfe
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = fn(self, x, **options)
+        self.check_finite()
+        if self.noise.device.type == "cuda":
+            torch.cuda.synchronize(self.noise.device)
+        return out, self.model.nfe - nfe_before, time.perf_counter() - start
 
     def randn_like(self, x: Tensor, step: int, sub: int = 0) -> Tensor:
         return self.noise.normal(x.shape[1:], step=step, sub=sub, dtype=x.dtype).to(x.device)

@@ -4,7 +4,6 @@ called (the pattern of :func:`diffsolve.sample`)."""
 from __future__ import annotations
 
 import numbers
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -164,20 +163,12 @@ def solve(
               guidance_scale=float(guidance_scale), callback=callback, progress=progress, device=device)
     run.sample_shape, run.dtype = tuple(operator.shape_in), dtype
 
-    nfe_before = model.nfe
-    start = time.perf_counter()
-    with torch.no_grad():
-        x = spec.fn(run, problem, **resolved)
-    run.check_finite()
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    wall = time.perf_counter() - start
+    x, nfe, wall = run.execute(spec.fn, problem, resolved)
     if not return_info:
         return x
-    return x, SolveInfo(spec.name, model.nfe - nfe_before, steps, resolved, wall)
+    return x, SolveInfo(spec.name, nfe, steps, resolved, wall)
 
 
 def initial_noise(run: Run) -> Tensor:
     """x at the grid's first time: N(0, I) for VP schedules, σ_0·N(0, I) for VE (seeded per sample)."""
-    prior_std = 1.0 if run.grid.schedule.is_vp else float(run.grid.sigma[0])
-    return prior_std * run.noise.normal(run.sample_shape, step=-1, dtype=run.dtype)
+    return run.prior_noise(run.sample_shape, run.dtype)
