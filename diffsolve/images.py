@@ -1,4 +1,5 @@
-"""Saving samples as PNG: [−1, 1] tensors to 8-bit images, grids, atomic writes."""
+"""Images and [−1, 1] tensors: saving samples as PNG (grids, atomic writes) and reading 8-bit image files (PNG,
+JPEG, …) with an optional center-crop-and-resize."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .files import atomic_write
 
@@ -39,8 +40,48 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def load_png(path: str | Path) -> torch.Tensor:
-    """A PNG as a (1, C, H, W) float tensor in [−1, 1]."""
-    arr = np.asarray(Image.open(path))
+#: PIL modes that only encode grey or colour differently: decoded to L / RGB (a palette with transparency to RGBA)
+_DECODED = {"1": "L", "P": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+#: the modes read as they are, by channel count
+_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode an 8-bit image file (PNG, JPEG, …: what PIL reads) to a grey, grey+alpha, RGB or RGBA image,
+    upright (a JPEG's EXIF orientation applied, as viewers show it)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        elif img.mode in _DECODED:
+            img = img.convert(_DECODED[img.mode])
+        elif img.mode not in _MODES.values():
+            raise ValueError(f"{path}: a {img.mode} image (16-bit or floating-point); expected an 8-bit grey or "
+                             "colour image: save it as an 8-bit PNG or JPEG")
+        img.load()
+        return img
+
+
+def image_to_tensor(img: Image.Image, *, size: tuple[int, int] | None = None,
+                    channels: int | None = None) -> torch.Tensor:
+    """A (1, C, H, W) float tensor in [−1, 1] (0 ↔ −1, 255 ↔ 1). ``channels`` (1 or 3) converts to grey or RGB
+    first (dropping an alpha channel); ``size`` (H, W) center-crops the image to the aspect ratio of H×W and
+    resizes it to H×W with PIL's antialiased bicubic (``ImageOps.fit``)."""
+    if channels is not None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grey) or 3 (RGB), got {channels!r}")
+        img = img.convert(_MODES[channels])
+    if size is not None:
+        h, w = (int(s) for s in size)
+        if h < 1 or w < 1:
+            raise ValueError(f"size: expected a positive (height, width), got {size!r}")
+        img = ImageOps.fit(img, (w, h), method=Image.Resampling.BICUBIC)
+    arr = np.asarray(img)
     arr = arr[..., None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def load_image(path: str | Path, *, size: tuple[int, int] | None = None, channels: int | None = None) -> torch.Tensor:
+    """:func:`read_image` then :func:`image_to_tensor`: ``load_image("photo.jpg", size=(256, 256), channels=3)``
+    is a photo center-cropped and resized for a 256×256 RGB model."""
+    return image_to_tensor(read_image(path), size=size, channels=channels)

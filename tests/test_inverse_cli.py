@@ -59,15 +59,18 @@ def test_restore_round_trip(model_dir, clean_png, tmp_path, capsys, task, method
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--task", "sr4"], r"--input: expected a 3-channel 2×2 PNG \(the sr4 measurement of a 3-channel 8×8 image\), "
-                        r"got a 3-channel 8×8 PNG"),
-    (["--task", "denoise", "--gray-input"], r"--input: expected a 3-channel 8×8 PNG .* got a 1-channel 8×8 PNG"),
+    (["--task", "sr4"], r"--input: expected a 3-channel 2×2 image \(the sr4 measurement of the model's 3-channel 8×8 "
+                        r"images\), got a 3-channel 8×8 image \(.*clean\.png\); pass --resize to center-crop and "
+                        r"resize it to 2×2$"),
+    (["--task", "denoise", "--gray-input"], r"--input: expected a 3-channel 8×8 image .* got a 1-channel 8×8 image "
+                                            r"\(.*gray\.png\); pass --resize .* and convert it to 3 channels"),
     (["--task", "denoise", "--method", "dds", "--zeta", "0.1"], r"'zeta' is an option of dps"),
     (["--task", "denoise", "--method", "nope"], "unknown solver 'nope'"),
     (["--task", "blur"], "unknown task 'blur'; valid tasks: inpaint_box, inpaint_random, sr4"),
     (["--task", "denoise", "--sigma-y", "-0.1"], r"--sigma-y: expected a noise level >= 0"),
     (["--task", "denoise", "--steps", "0"], "steps: expected an integer >= 1"),
-    (["--task", "denoise", "--reference-small"], r"--reference: expected a 3-channel 8×8 PNG"),
+    (["--task", "denoise", "--reference-small"], r"--reference: expected a 3-channel 8×8 image \(the model's image "
+                                                 r"size\), got a 3-channel 4×4 image \(.*small\.png\); pass --resize"),
     (["--task", "denoise", "--missing-input"], "--input: no such file"),
 ])
 def test_restore_errors(model_dir, clean_png, tmp_path, capsys, args, message):

@@ -3,12 +3,17 @@
     diffsolve degrade --task sr4 --input clean.png --out degraded.png --seed 0
     diffsolve restore --model digits16 --task sr4 --method dds --input degraded.png --out restored.png \\
         --reference clean.png
+    diffsolve degrade --task gauss_blur --input photo.jpg --resize 256 --out blurred.png
+    diffsolve restore --model ffhq256 --task gauss_blur --method dps --input blurred.png --out restored.png
 
 A task preset (:mod:`diffsolve.inverse.tasks`) fixes the operator (``--mask-seed`` draws its box position,
 random mask or motion kernel: give ``restore`` the seed ``degrade`` used; both default to 0), the noise level
-(``--sigma-y`` on the [0, 1] pixel range) and the solver's hyperparameters; solver options given as
-``--name value`` override the preset's. The measurement PNG is 8-bit on [−1, 1] ↔ [0, 255], so values of a
-noisy measurement outside [−1, 1] are clipped when it is written (as for any image file).
+(``--sigma-y`` on the [0, 1] pixel range) and the solver's hyperparameters, for the image size (the papers'
+settings at 256×256, digits16's at 16×16); solver options given as ``--name value`` override the preset's.
+Images are read from any 8-bit file PIL reads (PNG, JPEG, …; grey or colour) and written as PNG, 8-bit on
+[−1, 1] ↔ [0, 255], so values of a noisy measurement outside [−1, 1] are clipped when it is written (as for any
+image file). An image of another size or channel count than the model's is an error that says what was
+expected; ``--resize`` center-crops and resizes it instead (``degrade --resize N``: to N×N).
 """
 
 from __future__ import annotations
@@ -16,15 +21,24 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _load_image(path, name: str):
-    from ..images import load_png
+def _read(path, name: str):
+    """The decoded image file given as argument ``name`` (a clear error for a missing or unreadable file)."""
+    from ..images import read_image
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{name}: no such file: {path}")
     try:
-        return load_png(path)
+        return read_image(path)
     except Exception as err:  # PIL's errors for non-images are not ValueErrors
-        raise ValueError(f"{name}: cannot read {path} as a PNG image ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{name}: cannot read {path} as an image ({type(err).__name__}: {err})") from None
+
+
+def _check_out(out, *inputs) -> None:
+    if Path(out).suffix.lower() != ".png":
+        raise ValueError(f"--out: the result is written as a PNG; expected a path ending in .png, got {out}")
+    for name, path in inputs:
+        if path is not None and Path(out).resolve() == Path(path).resolve():
+            raise ValueError(f"--out: {out} is the {name} file; choose another path (inputs are never overwritten)")
 
 
 def _describe(shape) -> str:
@@ -32,11 +46,20 @@ def _describe(shape) -> str:
     return f"{c}-channel {h}×{w}"
 
 
-def _check_image(img, shape, name: str, what: str):
-    got = tuple(img.shape[1:])
+def _image(img, shape, name: str, path, what: str, resize: bool):
+    """The image as a (1, *shape) tensor: center-cropped, resized and converted to ``shape`` when ``resize``,
+    else it must have that shape (the error says which argument, what was expected and how to resize)."""
+    from ..images import image_to_tensor
+
+    if resize:
+        return image_to_tensor(img, size=shape[-2:], channels=shape[0])
+    x = image_to_tensor(img)
+    got = tuple(x.shape[1:])
     if len(shape) != 3 or got != tuple(shape):
-        raise ValueError(f"{name}: expected a {_describe(shape)} PNG ({what}), got a {_describe(got)} PNG")
-    return img
+        raise ValueError(f"{name}: expected a {_describe(shape)} image ({what}), got a {_describe(got)} image "
+                         f"({path}); pass --resize to center-crop and resize it to {shape[-2]}×{shape[-1]}"
+                         + (f" and convert it to {shape[0]} channel{'s' * (shape[0] > 1)}" if got[0] != shape[0] else ""))
+    return x
 
 
 def _task_and_sigma(args):
@@ -50,16 +73,22 @@ def _task_and_sigma(args):
 
 
 def _cmd_degrade(args, options, parser) -> int:
-    from ..images import make_grid, save_png
+    from ..images import image_to_tensor, make_grid, save_png
     from .noise import measure
 
     task, sigma01 = _task_and_sigma(args)
-    clean = _load_image(args.input, "--input")
-    op = task.operator(tuple(clean.shape[1:]), args.mask_seed)
+    if args.resize is not None and args.resize < 1:
+        raise ValueError(f"--resize: expected a positive image side in pixels, got {args.resize}")
+    _check_out(args.out, ("--input", args.input))
+    img = _read(args.input, "--input")
+    size = None if args.resize is None else (args.resize, args.resize)
+    clean = image_to_tensor(img, size=size)
+    shape = tuple(clean.shape[1:])
+    op = task.operator(shape, args.mask_seed)
     y = measure(op, clean.double(), task.noise(sigma01), seed=args.seed)
     save_png(make_grid(y.float(), per_row=1, pad=0), args.out)
-    print(f"{task.name}: {_describe(clean.shape[1:])} -> {_describe(op.shape_out)} measurement, sigma_y = {sigma01:g} "
-          f"on [0, 1] (seed {args.seed}, mask seed {args.mask_seed}) -> {args.out}")
+    print(f"{task.name}: {_describe(shape)} -> {_describe(op.shape_out)} measurement, {task.setting(shape)}, "
+          f"sigma_y = {sigma01:g} on [0, 1] (seed {args.seed}, mask seed {args.mask_seed}) -> {args.out}")
     return 0
 
 
@@ -72,24 +101,25 @@ def _cmd_restore(args, options, parser) -> int:
 
     task, sigma01 = _task_and_sigma(args)
     spec = get_solver(args.method)  # method and options are checked before anything is loaded
-    preset = task.solver_options(args.method)
-    preset = {k: v for k, v in preset.items() if k in spec.options}
     spec.check_options(options)
-    measured = _load_image(args.input, "--input")
-    reference = None if args.reference is None else _load_image(args.reference, "--reference")
+    _check_out(args.out, ("--input", args.input), ("--reference", args.reference))
+    measured = _read(args.input, "--input")
+    reference = None if args.reference is None else _read(args.reference, "--reference")
     model = load_model(args.model, device=args.device)
-    if model.sample_shape is None or len(model.sample_shape) != 3:
-        raise ValueError(f"--model: restore needs an image model with a known (C, H, W) sample shape, got "
-                         f"{model.sample_shape}")
-    op = task.operator(model.sample_shape, args.mask_seed)
-    _check_image(measured, op.shape_out, "--input",
-                 f"the {task.name} measurement of a {_describe(model.sample_shape)} image")
+    shape = model.sample_shape
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"--model: restore needs an image model with a known (C, H, W) sample shape, got {shape}")
+    op = task.operator(shape, args.mask_seed)
+    preset = {k: v for k, v in task.solver_options(args.method, shape).items() if k in spec.options}
+    measured = _image(measured, op.shape_out, "--input", args.input,
+                      f"the {task.name} measurement of the model's {_describe(shape)} images", args.resize)
     if reference is not None:
-        _check_image(reference, model.sample_shape, "--reference", "the model's image size")
+        reference = _image(reference, shape, "--reference", args.reference, "the model's image size", args.resize)
     x, info = solve(model, op, measured.to(model.device), args.method, noise=task.noise(sigma01), steps=args.steps,
                     seeds=[args.seed], progress=not args.quiet, return_info=True, **{**preset, **options})
     save_png(make_grid(x, per_row=1, pad=0), args.out)
-    print(f"{args.method} on {task.name}: {info.nfe} network evaluations, {info.wall_time:.2f} s -> {args.out}")
+    print(f"{args.method} on {task.name}: {info.nfe} network evaluations, {info.wall_time:.2f} s, "
+          f"{task.setting(shape)} -> {args.out}")
     if reference is not None:
         ref = reference.to(x.device)
         base = op.A_pinv(measured.to(x.device).to(x.dtype))
@@ -113,26 +143,32 @@ def add_commands(sub) -> None:
     from .tasks import TASKS
 
     tasks = ", ".join(TASKS)
-    p = sub.add_parser("degrade", help="make a measurement of a clean PNG for a restore task",
-                       description="Apply a task's operator and noise to a clean PNG (in [0, 255] <-> [-1, 1]).")
+    p = sub.add_parser("degrade", help="make a measurement of a clean image for a restore task",
+                       description="Apply a task's operator and noise to a clean image (PNG, JPEG, ...; "
+                                   "[0, 255] <-> [-1, 1]) at its size, or at --resize.")
     p.add_argument("--task", required=True, help=tasks)
-    p.add_argument("--input", required=True, help="the clean PNG")
+    p.add_argument("--input", required=True, help="the clean image (PNG, JPEG, ...)")
     p.add_argument("--out", required=True, help="the measurement PNG to write")
+    p.add_argument("--resize", type=int, default=None, metavar="N",
+                   help="center-crop the image to a square and resize it to N×N first (e.g. the model's 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement noise")
     p.add_argument("--mask-seed", type=int, default=0, help="seed of the box position / random mask / motion kernel")
     p.add_argument("--sigma-y", type=float, default=None,
                    help="noise std on the [0, 1] pixel range (default: the task's)")
     p.set_defaults(run=_cmd_degrade, takes_options=False)
 
-    p = sub.add_parser("restore", help="restore a degraded PNG with DPS, DDS or DAPS",
+    p = sub.add_parser("restore", help="restore a degraded image with DPS, DDS or DAPS",
                        description="Solve a task's inverse problem; solver options follow as --name value "
                                    "(see `diffsolve solvers`).")
     p.add_argument("--model", default="digits16", help="'digits16' or a diffusers folder")
     p.add_argument("--task", required=True, help=tasks)
     p.add_argument("--method", default="dds", help="dps, dds, daps (= daps_1k) or daps_100")
-    p.add_argument("--input", required=True, help="the measurement PNG (from `diffsolve degrade`)")
+    p.add_argument("--input", required=True, help="the measurement image (from `diffsolve degrade`)")
     p.add_argument("--out", required=True, help="the restored PNG to write")
-    p.add_argument("--reference", default=None, help="the clean PNG: print PSNR and SSIM")
+    p.add_argument("--reference", default=None, help="the clean image: print PSNR and SSIM")
+    p.add_argument("--resize", action="store_true",
+                   help="center-crop and resize --input to the measurement size of the model's images and "
+                        "--reference to the model's size (converting grey/colour to the model's channels)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the method's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the solver's noise")
     p.add_argument("--mask-seed", type=int, default=0, help="the --mask-seed given to degrade")

@@ -1,11 +1,31 @@
 """Task presets for image models in [−1, 1] (``diffsolve restore --task …``): the operator, the noise and each
-solver's hyperparameters, the papers' settings adapted to the image size (documented per task for the
-16×16 ``digits16`` model; the operators scale with ``shape``).
+solver's hyperparameters, at two reference image sizes:
+
+- **256×256, the papers' settings** (DPS, DDS, DAPS on FFHQ/ImageNet): box inpainting with a 128×128 hole
+  (seeded position, margin 16), random inpainting with 70 % of the pixels missing, ×4 bicubic
+  super-resolution, Gaussian blur with a 61×61 kernel of σ = 3.0 px, motion blur with a 61×61 kernel of
+  intensity 0.5, σ_y = 0.05 on [−1, 1]; and the papers' solver options: DPS's ζ of the official configs
+  (inpainting 0.5, SR and deblurring 0.3), DDS's η = 0.85, DAPS's official Langevin steps and τ;
+- **16×16, the digits16 presets**, tuned on the shipped digits model (below).
+
+Other sizes take the setting of the nearer reference on a log scale, i.e. sides of 64 px and more the papers'
+and smaller ones digits16's (64 = √(16·256)), with its pixel lengths scaled by side / reference: box side and
+margin (rounded down, at least 1), blur σ and kernel size (rounded to an odd size ≥ 3); the fractions (missing
+pixels, SR factor, motion intensity), σ_y and the solver options are those of the reference. So a 512×512
+model gets a 256×256 hole and a 121×121 blur of σ = 6, a 64×64 model a 32×32 hole and a 17×17 blur of
+σ = 0.75 (the papers' degradations relative to the image), and sizes below 64 what digits16 tuned, as before
+the 256×256 settings existed. A setting that does not fit an image (×4 SR of a side not divisible by 4) is an
+error naming the task, the size and the setting. The side is min(H, W) of the image (models are square).
+
+A task is one :class:`Task` entry in ``TASKS``: its operator builder, σ_y, the digits16 solver options and,
+for tasks whose operator has pixel lengths, a ``geometry`` per reference side; the papers' solver options
+follow from the digits16 ones (:func:`papers_options`). A task without ``geometry`` builds the same operator
+relative to the image at every size.
 
 σ_y is given on the [0, 1] pixel range people think in and converted to the model's [−1, 1]
 (:func:`sigma_from_pixels`): the papers' σ_y = 0.05 on [−1, 1] is 0.025 here.
 
-How the papers' hyperparameters are adapted (256×256×3 → H×W×C; digits16: 16×16×1):
+How the digits16 presets adapt the papers' (256×256×3 → 16×16×1):
 - geometry: box and blur kernels scale with the image: a 128² box in 256² is a (H/2)² box; the papers'
   Gaussian blur (σ = 3 px at 256², i.e. 0.19 px at 16²) and 61² motion kernels would be invisible at 16²,
   so the blurs are σ = 1.5 px (9×9) and a 9×9 motion kernel of intensity 0.5, which make deblurring a real
@@ -47,6 +67,12 @@ from .operators import Blur, Denoising, Inpainting, Operator, SuperResolution
 DAPS_TAU = 0.01 / math.sqrt(2)  # the official τ = 0.01 in our ½‖·‖²/τ² convention
 #: the DPS step relative to the paper's (see the module docstring)
 _DPS_SCALE = 0.5
+#: DDS's fraction of fresh noise in the paper
+PAPERS_DDS_ETA = 0.85
+#: the reference image sides: digits16's tuned presets and the papers' settings
+DIGITS16, PAPERS = 16, 256
+#: sides from here up take the papers' setting (the geometric mean of the two references)
+PAPERS_FROM = 64
 
 
 def sigma_from_pixels(sigma01: float) -> float:
@@ -54,51 +80,112 @@ def sigma_from_pixels(sigma01: float) -> float:
     return 2.0 * float(sigma01)
 
 
+def papers_options(options: dict) -> dict:
+    """The papers' solver options from a task's digits16 ones: DPS's ζ of the official configs (the digits16
+    ζ is ``_DPS_SCALE`` × it) and DDS's η = 0.85; DAPS's are the official ones at both sizes."""
+    out = {family: dict(opts) for family, opts in options.items()}
+    if "zeta" in out.get("dps", {}):
+        out["dps"]["zeta"] = out["dps"]["zeta"] / _DPS_SCALE
+    if "dds" in out:
+        out["dds"]["eta"] = PAPERS_DDS_ETA
+    return out
+
+
+def _scaled_length(key: str, value, scale: float):
+    """A pixel length of a task's geometry at ``scale`` × its reference size (see the module docstring)."""
+    if key in ("box", "margin"):
+        return max(1, math.floor(value * scale))
+    if key == "kernel":  # odd, ≥ 3: 2·round(half-width · scale) + 1
+        return 2 * max(1, round((value - 1) / 2 * scale)) + 1
+    if key == "sigma":
+        return value * scale
+    raise KeyError(f"{key!r} is not a pixel length of a task geometry (box, margin, kernel, sigma)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A task resolved for one image size: which reference it scales, the operator's geometry and the solver
+    options."""
+
+    reference: int
+    scale: float
+    geometry: dict
+    options: dict
+
+    def __str__(self) -> str:
+        what = "the papers' 256×256 setting" if self.reference == PAPERS else "the digits16 16×16 preset"
+        if self.scale != 1:
+            what += f" scaled ×{self.scale:g}"
+        numbers = ", ".join(f"{k} {v:g}" for k, v in self.geometry.items())
+        return f"{numbers} ({what})" if numbers else what
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     description: str
-    #: ``make(shape, seed) -> operator`` (the seed draws masks and motion kernels)
-    make: Callable[[tuple, int], Operator]
+    #: ``make(shape, seed, **geometry) -> operator`` (the seed draws masks and motion kernels)
+    make: Callable[..., Operator]
     #: σ_y on the [0, 1] pixel range
     sigma01: float
-    #: per solver family ("dps", "dds", "daps") the options the preset sets
+    #: per solver family ("dps", "dds", "daps") the options of the digits16 preset (the papers' follow from
+    #: them: :func:`papers_options`)
     options: dict = field(default_factory=dict)
+    #: per reference side (DIGITS16, PAPERS) the operator's pixel lengths there (box, margin, kernel, sigma);
+    #: empty: the operator is the same relative to the image at every size
+    geometry: dict = field(default_factory=dict)
+
+    def setting(self, shape=(1, 16, 16)) -> Setting:
+        """The geometry and solver options for images of ``shape`` (…, H, W)."""
+        side = min(int(s) for s in tuple(shape)[-2:])
+        reference = PAPERS if side >= PAPERS_FROM else DIGITS16
+        scale = side / reference
+        geometry = {k: _scaled_length(k, v, scale) for k, v in self.geometry.get(reference, {}).items()}
+        options = papers_options(self.options) if reference == PAPERS else self.options
+        return Setting(reference, scale, geometry, options)
 
     def operator(self, shape=(1, 16, 16), seed: int = 0) -> Operator:
-        return self.make(tuple(shape), int(seed))
+        shape = tuple(shape)
+        setting = self.setting(shape)
+        try:
+            return self.make(shape, int(seed), **setting.geometry)
+        except ValueError as err:
+            size = "×".join(map(str, shape))
+            raise ValueError(f"task {self.name}: its setting for {size} images, {setting}, does not fit them ({err}); "
+                             f"resize the images (diffsolve degrade/restore --resize) or build the operator for this "
+                             f"size yourself (diffsolve.inverse)") from None
 
     def noise(self, sigma01: float | None = None) -> GaussianNoise:
         return GaussianNoise(sigma_from_pixels(self.sigma01 if sigma01 is None else sigma01))
 
-    def solver_options(self, method: str) -> dict:
+    def solver_options(self, method: str, shape=(1, 16, 16)) -> dict:
         family = "daps" if method.startswith("daps") else method
-        return dict(self.options.get(family, {}))
-
-
-def _blur_size(shape) -> int:
-    return 2 * max(1, round(shape[-1] * 4 / 16)) + 1  # 9 at 16²
+        return dict(self.setting(shape).options.get(family, {}))
 
 
 TASKS: dict[str, Task] = {
     t.name: t for t in [
-        Task("inpaint_box", "box inpainting: an (H/2)×(W/2) hole at a seeded position, margin H/16 (the papers' "
-             "128² hole in 256², margin 16)",
-             lambda shape, seed: Inpainting.box(shape, shape[-1] // 2, margin=max(1, shape[-1] // 16), seed=seed),
-             0.025, {"dps": {"zeta": 0.5 * _DPS_SCALE}, "dds": {"eta": 0.5}, "daps": {"lr": 5e-5, "tau": DAPS_TAU}}),
+        Task("inpaint_box", "box inpainting: a square hole at a seeded position (papers: 128×128 in 256×256, "
+             "margin 16; digits16: 8×8, margin 1)",
+             lambda shape, seed, box, margin: Inpainting.box(shape, box, margin=margin, seed=seed),
+             0.025, {"dps": {"zeta": 0.5 * _DPS_SCALE}, "dds": {"eta": 0.5}, "daps": {"lr": 5e-5, "tau": DAPS_TAU}},
+             {DIGITS16: {"box": 8, "margin": 1}, PAPERS: {"box": 128, "margin": 16}}),
         Task("inpaint_random", "random inpainting: 70 % of the pixels missing (seeded)",
              lambda shape, seed: Inpainting.random(shape, 0.7, seed=seed),
              0.025, {"dps": {"zeta": 0.5 * _DPS_SCALE}, "dds": {"eta": 0.5}, "daps": {"lr": 1e-4, "tau": DAPS_TAU}}),
         Task("sr4", "×4 super-resolution, antialiased bicubic",
              lambda shape, seed: SuperResolution(4, "bicubic", shape=shape),
              0.025, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "daps": {"lr": 1e-4, "tau": DAPS_TAU}}),
-        Task("gauss_blur", "Gaussian blur σ = 1.5 px (9×9 at 16², scaled with the image), periodic boundary",
-             lambda shape, seed: Blur.gaussian(1.5 * shape[-1] / 16, shape=shape, size=_blur_size(shape)),
-             0.025, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"lr": 1e-4, "tau": DAPS_TAU}}),
-        Task("motion_blur", "motion blur: a seeded 9×9 camera-shake kernel of intensity 0.5, periodic boundary",
-             lambda shape, seed: Blur.motion(_blur_size(shape), shape=shape, intensity=0.5, seed=seed),
-             0.025, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"lr": 5e-5, "tau": DAPS_TAU}}),
-        Task("denoise", "denoising, σ_y = 0.2 on [0, 1]",
+        Task("gauss_blur", "Gaussian blur, periodic boundary (papers: σ = 3 px, 61×61; digits16: σ = 1.5 px, 9×9)",
+             lambda shape, seed, sigma, kernel: Blur.gaussian(sigma, shape=shape, size=kernel),
+             0.025, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"lr": 1e-4, "tau": DAPS_TAU}},
+             {DIGITS16: {"sigma": 1.5, "kernel": 9}, PAPERS: {"sigma": 3.0, "kernel": 61}}),
+        Task("motion_blur", "motion blur: a seeded camera-shake kernel of intensity 0.5, periodic boundary (papers: "
+             "61×61; digits16: 9×9)",
+             lambda shape, seed, kernel: Blur.motion(kernel, shape=shape, intensity=0.5, seed=seed),
+             0.025, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"lr": 5e-5, "tau": DAPS_TAU}},
+             {DIGITS16: {"kernel": 9}, PAPERS: {"kernel": 61}}),
+        Task("denoise", "denoising, σ_y = 0.2 on [0, 1] (not a papers' task: the same at every size)",
              lambda shape, seed: Denoising(shape),
              0.2, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"tau": None, "lr": None}}),
     ]
