@@ -130,6 +130,9 @@ def test_other_sizes_scale_the_nearer_reference():
     assert s512.geometry == {"sigma": 6.0, "kernel": 121}
     assert s8.geometry == {"kernel": 5} and s8.reference == 16
     assert get_task("gauss_blur").setting((3, 63, 63)).reference == 16
+    # kernel half-widths round to nearest (as the digits16 rule always did: 14 px → half-width 3.5 → 9×9)
+    assert get_task("gauss_blur").setting((3, 64, 64)).geometry == {"sigma": 0.75, "kernel": 17}
+    assert get_task("motion_blur").operator((1, 14, 14)).kernel.shape == (9, 9)
     assert int((get_task("inpaint_box").operator((3, 64, 64)).mask[0] == 0).sum()) == 32 * 32
 
 
