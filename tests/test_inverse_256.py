@@ -27,18 +27,22 @@ RGB256 = (3, 256, 256)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_unet_256():
+def tiny_rgb_unet(size: int = 256):
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=256, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+    return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, add_attention=False).eval().requires_grad_(False)
 
 
+def model_folder(folder: Path, size: int = 256) -> Path:
+    """A diffusers pipeline folder of the tiny RGB UNet at size×size."""
+    DDPMPipeline(unet=tiny_rgb_unet(size), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "rgb256"
-    DDPMPipeline(unet=tiny_unet_256(), scheduler=DDPMScheduler()).save_pretrained(folder)
-    return folder
+    return model_folder(tmp_path_factory.mktemp("models") / "rgb256")
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,7 @@ def test_a_setting_that_does_not_fit_is_an_error():
 def test_solve_restores_rgb_256(task, method, steps, extra):
     """The Python API on a 256×256 colour image with each task's 256×256 preset: shapes, finiteness, seeding
     (DAPS with 5 of its 100 Langevin steps: 100 draws of a 256×256×3 image take seconds on a core)."""
-    model = DiffusionModel(tiny_unet_256(), DiscreteVP.from_config({}), "epsilon")
+    model = DiffusionModel(tiny_rgb_unet(), DiscreteVP.from_config({}), "epsilon")
     assert model.sample_shape == RGB256
     t = get_task(task)
     op = t.operator(model.sample_shape, seed=1)
@@ -166,7 +170,7 @@ def test_solve_restores_rgb_256(task, method, steps, extra):
 def test_dds_keeps_the_observed_pixels_at_256():
     """Noiseless box inpainting: DDS's last data-consistency step is the exact projection, so the observed
     pixels of the result are y's (y reaches the solver through the 256×256 operator)."""
-    model = DiffusionModel(tiny_unet_256(), DiscreteVP.from_config({}), "epsilon")
+    model = DiffusionModel(tiny_rgb_unet(), DiscreteVP.from_config({}), "epsilon")
     op = get_task("inpaint_box").operator(RGB256, seed=0)
     x = torch.rand(1, *RGB256, generator=torch.Generator().manual_seed(2)) * 2 - 1
     out = solve(model, op, op.A(x), "dds", noise=0, steps=2)
@@ -263,11 +267,7 @@ def test_resize_fixes_what_the_error_names(model_dir, photo, tmp_path):
 
 
 def test_task_that_does_not_fit_the_model(tmp_path, capsys):
-    folder = tmp_path / "rgb250"
-    unet = UNet2DModel(sample_size=250, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, add_attention=False)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+    folder = model_folder(tmp_path / "rgb250", 250)
     img = tmp_path / "y.png"
     Image.fromarray(np.zeros((62, 62, 3), dtype=np.uint8)).save(img)
     code = main(["restore", "--model", str(folder), "--task", "sr4", "--input", str(img), "--out",
