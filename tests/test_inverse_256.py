@@ -287,3 +287,19 @@ def test_degrade_resize_errors(photo, tmp_path, capsys):
                  "--resize", "250"]) == 2
     assert re.search(r"task sr4: its setting for 3×250×250 images.*divisible by 4", capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_python_api_wrong_image_size_says_how_to_load_one():
+    model = DiffusionModel(tiny_rgb_unet(), DiscreteVP.from_config({}), "epsilon")
+    task = get_task("sr4")
+    op = task.operator(model.sample_shape)
+    photo = torch.zeros(1, 3, 300, 400)
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, 3, 256, 256\), got \(1, 3, 300, 400\); an image "
+                                         r"file loads at 3×256×256, .*load_image\(path, size=\(256, 256\), channels=3\)"):
+        measure(op, photo, task.noise())
+    with pytest.raises(ValueError, match=r"y: expected shape \(batch, 3, 64, 64\) .*got \(1, 1, 64, 64\); an image "
+                                         r"file loads at 3×64×64, .*size=\(64, 64\), channels=3\)"):
+        solve(model, op, torch.zeros(1, 1, 64, 64), "dds", noise=task.noise())
+    with pytest.raises(ValueError, match=r"operator: SuperResolution takes samples of shape \(1, 256, 256\), but the "
+                                         r"model makes samples of shape \(3, 256, 256\)"):
+        solve(model, task.operator((1, 256, 256)), torch.zeros(1, 1, 64, 64), "dds", noise=task.noise())

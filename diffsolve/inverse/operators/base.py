@@ -34,6 +34,15 @@ def _cast(t: Tensor, like: Tensor) -> Tensor:
     return t.to(device=like.device, dtype=_complex_dtype(like) if t.is_complex() else _real_dtype(like))
 
 
+def image_resize_hint(shape: tuple[int, ...], t: Tensor) -> str:
+    """For an image of another size or channel count than ``shape`` (C, H, W): how to load one that fits."""
+    if len(shape) != 3 or t.ndim != 4:
+        return ""
+    c, h, w = shape
+    return (f"; an image file loads at {c}×{h}×{w}, center-cropped and resized, with "
+            f"diffsolve.images.load_image(path, size=({h}, {w}), channels={c})")
+
+
 def fft2c(x: Tensor) -> Tensor:
     """Centred orthonormal 2-D FFT over the last two dimensions."""
     dims = (-2, -1)
@@ -139,4 +148,5 @@ class Operator:
             raise TypeError(f"{name}: expected a tensor of shape (batch, {', '.join(map(str, shape))}), got "
                             f"{type(t).__name__}")
         if tuple(t.shape[1:]) != tuple(shape):
-            raise ValueError(f"{name}: expected shape (batch, {', '.join(map(str, shape))}), got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape (batch, {', '.join(map(str, shape))}), got {tuple(t.shape)}"
+                             f"{image_resize_hint(shape, t)}")
