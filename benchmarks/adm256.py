@@ -11,7 +11,9 @@ Euler ODE steps = 2 forwards, then 100 Langevin steps on the operator alone); "f
 CPU the peak is the process's ru_maxrss (the high-water mark of its resident memory) after that call minus its
 resident memory before it, so it counts what the step allocates on top of the weights; on CUDA,
 torch.cuda.max_memory_allocated above the memory held before. Time: the median of ``--repeats`` further steps,
-and of as many bare forwards in the same process; the ratio is the step's cost in bare forwards.
+and of as many bare forwards in the same process, alternated; on CPU the process's CPU time (with
+OMP_NUM_THREADS=1 the wall time on an idle core, whatever else the machine runs), on CUDA wall time. The ratio is
+the step's cost in bare forwards.
 """
 
 from __future__ import annotations
@@ -81,14 +83,18 @@ def measure_one(name: str, repeats: int, device: str) -> dict:
         method, options = METHODS[name]
         solve(model, op, y, method, noise=0.05, steps=1, **options)
 
+    # CPU time of this process on CPU: unlike wall time it does not depend on what else the (shared) machine
+    # runs, and with one thread it is the wall time on an idle core
+    clock = time.perf_counter if device == "cuda" else time.process_time
+
     def timed(fn) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     # memory first, in a process that has run nothing yet: memory freed by an earlier call could be reused
     # without raising the resident high-water mark
@@ -100,8 +106,10 @@ def measure_one(name: str, repeats: int, device: str) -> dict:
         before = _resident_mb()
         step()
         peak = _peak_mb() - before
-    steps = [timed(step) for _ in range(repeats)]
-    forwards = [timed(bare) for _ in range(repeats)]
+    steps, forwards = [], []
+    for _ in range(repeats):  # alternated, so that a slow phase of the machine hits both
+        steps.append(timed(step))
+        forwards.append(timed(bare))
     return dict(name=name, peak_mb=peak, step_s=statistics.median(steps), forward_s=statistics.median(forwards),
                 params=sum(p.numel() for p in model.net.parameters()))
 
@@ -126,7 +134,7 @@ def main() -> None:
     dps_peak = next(r["peak_mb"] for r in rows if r["name"] == "dps")
     kind = "ru_maxrss" if args.device == "cpu" else "max_memory_allocated"
     print(f"FFHQ-256 ADM ({rows[0]['params'] / 1e6:.1f} M parameters), 256×256 RGB, batch 1, {args.device}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
+          f"{torch.get_num_threads()} thread(s), median of {args.repeats}, {'wall' if args.device == 'cuda' else 'CPU'} time")
     print(f"| step | peak memory above the model (MB, {kind}) | / DPS | time (s) | bare forward (s) | "
           "time / bare forward |")
     print("|---|---|---|---|---|---|")

@@ -85,6 +85,9 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
     if Path(source_str).is_file() or Path(source_str).suffix in (".pt", ".pth"):
         from .adm import load_adm
 
+        if scheduler_config is not None:
+            raise ValueError("scheduler_config: a guided-diffusion checkpoint's noise schedule comes from its preset "
+                             "or adm={'noise_schedule': 'linear' | 'cosine'}")
         settings = {"preset": adm} if isinstance(adm, str) or adm is None else dict(adm)
         return load_adm(source_str, prediction=prediction, device=device, dtype=dtype, **settings)
     if adm is not None:

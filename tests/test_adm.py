@@ -264,6 +264,10 @@ def test_bad_files_and_state_dicts(tmp_path):
     with pytest.raises(ValueError, match=r"preset 'ffhq256-dps' contradicts the state dict: key 'time_embed.0.weight' "
                                          r"has shape \(128, 32\), expected \(512, 128\)"):
         load_model(tmp_path / "full.pt", adm="ffhq256-dps")
+    with pytest.raises(ValueError, match="scheduler_config: a guided-diffusion checkpoint's noise schedule"):
+        load_model(tmp_path / "full.pt", scheduler_config={"beta_schedule": "linear"})
+    with pytest.raises(ValueError, match="adm: settings for a guided-diffusion checkpoint file"):
+        load_model("digits16", adm="ffhq256-dps")
     with pytest.raises(FileNotFoundError, match="ADM checkpoint not found"):
         load_model(tmp_path / "missing.pt")
     assert main(["convert", str(tmp_path / "cut.pt"), str(tmp_path / "never")]) == 2
