@@ -133,6 +133,39 @@ def _cmd_ems(args, options, parser) -> int:
     return 0
 
 
+def _cmd_convert(args, options, parser) -> int:
+    """``diffsolve convert``: a guided-diffusion (ADM) checkpoint as a diffusers pipeline folder."""
+    from .adm import convert_checkpoint
+
+    order = None if args.attention_order is None else args.attention_order == "new"
+    cfg = convert_checkpoint(args.checkpoint, args.out_dir, args.preset, image_size=args.image_size,
+                             num_heads=args.num_heads, num_head_channels=args.num_head_channels,
+                             use_new_attention_order=order, noise_schedule=args.noise_schedule)
+    print(f"UNet2DModel {cfg.image_size}×{cfg.image_size}, {len(cfg.level_channels)} levels of "
+          f"{list(cfg.level_channels)} channels, {cfg.noise_schedule} schedule -> {args.out_dir}")
+    return 0
+
+
+def _add_convert_command(sub) -> None:
+    from .adm import PRESETS
+
+    p = sub.add_parser("convert", help="convert a guided-diffusion (ADM) checkpoint to a diffusers pipeline folder",
+                       description="Convert a guided-diffusion (ADM) state dict (.pt, e.g. DPS's ffhq_10m.pt) to a "
+                                   "diffusers pipeline folder (UNet2DModel + DDPMScheduler). The architecture is read "
+                                   "from the state dict; what it does not fix comes from --preset or the flags "
+                                   "below (by default from the presets that fit the state dict).")
+    p.add_argument("checkpoint", help="guided-diffusion state dict (.pt/.pth)")
+    p.add_argument("out_dir", help="folder to write (must not exist, or be empty)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the flags published with the checkpoint")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (when --num-head-channels is -1)")
+    p.add_argument("--num-head-channels", type=int, default=None, help="channels per attention head (-1: by count)")
+    p.add_argument("--attention-order", choices=("legacy", "new"), default=None,
+                   help="guided-diffusion's use_new_attention_order (q/k/v split before or after the heads)")
+    p.add_argument("--noise-schedule", choices=("linear", "cosine"), default=None)
+    p.set_defaults(run=_cmd_convert, takes_options=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsolve", description="Fast diffusion sampling and inverse problems.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_ems, takes_options=False)
 
+    _add_convert_command(sub)
+
     from .fid.cli import add_commands as add_fid_commands  # fid, fid-ref, sweep
 
     add_fid_commands(sub)
@@ -201,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     options = _parse_options(extra, parser)
     try:
         return args.run(args, options, parser)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FloatingPointError, ImportError,
-            BudgetExceededError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError,
+            ImportError, BudgetExceededError) as err:
         print(f"diffsolve {args.command}: error: {err}", file=sys.stderr)
         return 2
 

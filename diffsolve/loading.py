@@ -1,6 +1,7 @@
-"""``load_model``: pretrained diffusers models (pipeline folder, UNet folder + scheduler config, hub id) and
-the shipped ``digits16`` model, as a :class:`~diffsolve.DiffusionModel`. Weights are read from safetensors
-only."""
+"""``load_model``: pretrained diffusers models (pipeline folder, UNet folder + scheduler config, hub id), the
+shipped ``digits16`` model and guided-diffusion checkpoints (:mod:`diffsolve.adm`), as a
+:class:`~diffsolve.DiffusionModel`. Weights are read from safetensors, or from a guided-diffusion state dict with
+``torch.load(weights_only=True)``: nothing is unpickled beyond tensors."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _download(repo_id: str) -> Path:
 
 
 def load_model(source: str | Path, *, scheduler_config=None, prediction: str | None = None,
-               device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
+               device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               adm: str | dict | None = None) -> DiffusionModel:
     """Load a pretrained diffusers model as a :class:`~diffsolve.DiffusionModel`.
 
     ``source`` is ``"digits16"`` (the shipped model), a diffusers pipeline folder (``model_index.json`` with
@@ -72,10 +74,24 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
     ``tokenizer/`` loads as a :class:`~diffsolve.pipelines.TextToImageModel`, which needs transformers), a
     UNet folder (``config.json`` + safetensors; give ``scheduler_config``
     as a dict, a diffusers scheduler or a path unless the folder has a ``scheduler_config.json``), or a
-    hub id ``owner/name`` (downloaded through huggingface_hub; offline this is a clear error).
-    ``prediction`` overrides the scheduler config's ``prediction_type``.
+    hub id ``owner/name`` (downloaded through huggingface_hub; offline this is a clear error), or a
+    guided-diffusion (ADM) checkpoint ``.pt``/``.pth`` such as DPS's ``ffhq_10m.pt``, converted to a diffusers
+    ``UNet2DModel`` (:mod:`diffsolve.adm`). ``adm`` names its preset (``"ffhq256-dps"``, ...) or gives the
+    settings the state dict does not fix as a dict (``image_size``, ``num_heads``, ``num_head_channels``,
+    ``use_new_attention_order``, ``noise_schedule``, and optionally ``preset``); by default the presets that fit
+    the state dict supply them. ``prediction`` overrides the scheduler config's ``prediction_type``.
     """
     source_str = str(source)
+    if Path(source_str).is_file() or Path(source_str).suffix in (".pt", ".pth"):
+        from .adm import load_adm
+
+        if scheduler_config is not None:
+            raise ValueError("scheduler_config: a guided-diffusion checkpoint's noise schedule comes from its preset "
+                             "or adm={'noise_schedule': 'linear' | 'cosine'}")
+        settings = {"preset": adm} if isinstance(adm, str) or adm is None else dict(adm)
+        return load_adm(source_str, prediction=prediction, device=device, dtype=dtype, **settings)
+    if adm is not None:
+        raise ValueError(f"adm: settings for a guided-diffusion checkpoint file, but {source_str!r} is not a file")
     folder = SHIPPED.get(source_str, Path(source_str))
     if not folder.exists():
         if source_str in SHIPPED:
@@ -86,8 +102,6 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
         else:
             raise FileNotFoundError(f"model folder not found: {source_str!r} (expected 'digits16', a diffusers "
                                     "pipeline or UNet folder, or a hub id owner/name)")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"model source {source_str!r} is a file; pass the folder that holds it")
 
     if (folder / "model_index.json").is_file():
         index = _read_json(folder / "model_index.json")

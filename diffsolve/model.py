@@ -66,9 +66,12 @@ class DiffusionModel:
             (``"v_prediction"``) or ``"score"`` (∇ log p_t). With 2·C output channels for C input channels
             (learned variance) the first C are used.
         num_classes: number of real classes of a class-conditional network (read from a UNet's
-            ``num_class_embeds`` − 1 when not given); ``None`` for an unconditional one.
+            ``num_class_embeds`` − 1 when not given, or ``num_class_embeds`` when its config says
+            ``_diffsolve_has_null_class: false``, as converted guided-diffusion networks do); ``None`` for an
+            unconditional one.
         null_class: the label of the unconditional ("null") class used for guidance and for sampling without
-            labels; defaults to ``num_classes`` (the last embedding).
+            labels; defaults to ``num_classes`` (the last embedding). A network trained without one (guided-diffusion's
+            class-conditional models) has none: it needs ``class_labels`` and cannot be guided.
         sample_shape: the shape of one sample, ``(C, H, W)`` (read from a UNet's config when not given).
     """
 
@@ -85,15 +88,19 @@ class DiffusionModel:
         self.net, self.schedule, self.prediction = net, schedule, prediction
         config = getattr(net, "config", None)
         self.is_diffusers = config is not None and hasattr(net, "forward") and "sample_size" in config
+        has_null_class = True
         if self.is_diffusers:
             if num_classes is None and config.get("num_class_embeds"):
-                num_classes = int(config["num_class_embeds"]) - 1
+                has_null_class = config.get("_diffsolve_has_null_class", True)
+                num_classes = int(config["num_class_embeds"]) - has_null_class
             if sample_shape is None:
                 size = config["sample_size"]
                 size = (size, size) if isinstance(size, int) else tuple(size)
                 sample_shape = (int(config["in_channels"]), *size)
         self.num_classes = num_classes
-        self.null_class = (num_classes if null_class is None else null_class) if num_classes is not None else None
+        self.null_class = None
+        if num_classes is not None and has_null_class:
+            self.null_class = num_classes if null_class is None else null_class
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.nfe = 0
 
@@ -114,6 +121,9 @@ class DiffusionModel:
     def check_conditioning(self, batch: int, class_labels, guidance_scale: float) -> Tensor | None:
         """Validate ``class_labels``/``guidance_scale`` for a batch; returns labels as a tensor (or None)."""
         if class_labels is None:
+            if self.num_classes is not None and self.null_class is None:
+                raise ValueError(f"class_labels: this class-conditional model has no unconditional class: give one "
+                                 f"label in [0, {self.num_classes - 1}] per sample")
             if guidance_scale != 1.0:
                 raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (guidance mixes the "
                                  "conditional and unconditional predictions)")
@@ -125,10 +135,14 @@ class DiffusionModel:
             labels = labels.expand(batch)
         if labels.numel() != batch:
             raise ValueError(f"class_labels: expected 1 or {batch} labels (one per sample), got {labels.numel()}")
-        valid = (labels >= 0) & (labels <= self.num_classes)
+        top = self.num_classes if self.null_class is not None else self.num_classes - 1
+        valid = (labels >= 0) & (labels <= top)
         if not bool(valid.all()):
-            raise ValueError(f"class_labels: expected integers in [0, {self.num_classes}] "
-                             f"({self.num_classes} is the null class), got {labels.tolist()}")
+            null = f" ({self.null_class} is the null class)" if self.null_class is not None else ""
+            raise ValueError(f"class_labels: expected integers in [0, {top}]{null}, got {labels.tolist()}")
+        if guidance_scale != 1.0 and self.null_class is None:
+            raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs an unconditional "
+                             "class, which this model was trained without")
         return labels
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -160,6 +174,7 @@ class DiffusionModel:
                 return self._forward(x, t, None, text.cond)
             return self._guided(x, t, guidance_scale, embeds=(text.uncond, text.cond))
         if self.num_classes is not None and class_labels is None:
+            self.check_conditioning(x.shape[0], None, guidance_scale)  # no null class: a clear error
             class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         if class_labels is None or guidance_scale == 1.0:
             labels = None if class_labels is None else class_labels.to(x.device)

@@ -96,7 +96,7 @@ def test_registry_presets_and_top_level_api():
     assert diffsolve.solve is solve
     assert {"dps", "dds", "daps", "daps_1k", "daps_100"} <= set(list_solvers())
     dps, dds = get_solver("dps"), get_solver("dds")
-    assert dps.default_steps == 1000 and dps.options == {"zeta": 1.0, "clip_x0": False}
+    assert dps.default_steps == 1000 and dps.options == {"zeta": 1.0, "clip_x0": False, "checkpointing": False}
     assert dds.default_steps == 50 and dds.options["cg_steps"] == 5 and dds.options["eta"] == 0.85 and dds.linear_only
     k1, k100 = get_solver("daps_1k"), get_solver("daps_100")
     assert (k1.default_steps, k1.options["ode_steps"], k1.options["langevin_steps"]) == (200, 5, 100)

@@ -18,11 +18,17 @@ Differences from the official code (DPS2022/diffusion-posterior-sampling), on pu
   mean at the clipped x̂0, as in the official code.
 - Poisson noise: the residual is whitened by the per-element std relative to σ_y (see ``PoissonNoise``)
   instead of the official ``‖r‖/|y|`` averaged over elements.
+
+``checkpointing=True`` stores only each UNet block's inputs during the forward pass of the gradient and
+recomputes the block's activations in the backward pass (diffusers' gradient checkpointing, switched on for the
+solve and restored after): the same gradient, to round-off, for less memory and one more forward's worth of time
+per step (benchmarks/adm256.py measures both at 256×256).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -33,16 +39,39 @@ from .solve import initial_noise
 
 def _validate(options, problem) -> None:
     check_number(options, "zeta", low=0.0)
-    if not isinstance(options["clip_x0"], bool):
-        raise ValueError(f"clip_x0: expected True or False, got {options['clip_x0']!r}")
+    for name in ("clip_x0", "checkpointing"):
+        if not isinstance(options[name], bool):
+            raise ValueError(f"{name}: expected True or False, got {options[name]!r}")
+
+
+@contextmanager
+def activation_checkpointing(net, enable: bool):
+    """diffusers' gradient checkpointing on ``net`` inside the block (when ``enable``), its own setting after."""
+    if not enable:
+        yield
+        return
+    if not getattr(net, "_supports_gradient_checkpointing", False):
+        raise ValueError(f"checkpointing=True needs a diffusers network that supports gradient checkpointing "
+                         f"(UNet2DModel, ...), the model's network is a {type(net).__name__}")
+    was_on = net.is_gradient_checkpointing
+    net.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if not was_on:
+            net.disable_gradient_checkpointing()
 
 
 @register_solver("dps", default_steps=1000, steps_meaning="ancestral steps", validate=_validate)
-def dps(run, problem, *, zeta: float = 1.0, clip_x0: bool = False):
+def dps(run, problem, *, zeta: float = 1.0, clip_x0: bool = False, checkpointing: bool = False):
     """DPS (Chung et al. 2023): ancestral DDPM steps + ζ·∇‖y − A(x̂0)‖ per sample (backprop through the network)."""
+    with activation_checkpointing(run.model.net, checkpointing):
+        return _dps_steps(run, problem, float(zeta), clip_x0)
+
+
+def _dps_steps(run, problem, zeta: float, clip_x0: bool):
     g = run.grid
     x = initial_noise(run)
-    zeta = float(zeta)
     for i in run.steps("dps"):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
