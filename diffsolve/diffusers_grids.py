@@ -93,6 +93,16 @@ def _diffusers_sigmas(flag: str, table: np.ndarray, steps: int) -> np.ndarray:
     return s_min + beta_distribution.ppf(1 - ramp, *BETA_GRID_SHAPE) * (s_max - s_min)
 
 
+def _check_zero_final(rules: str, zero_final: bool) -> None:
+    """diffusers' multistep solvers count the zero-length last step in their lower-order-final rule (the real
+    last step is then their second-to-last, of order 2 where a grid without it takes order 1): refused."""
+    if zero_final and rules in ("DPMSolverMultistepScheduler", "SASolverScheduler"):
+        raise ValueError(f"{rules} with this config ends with a step of length zero (its last σ repeated, or "
+                         "final_sigmas_type='sigma_min' after the σ_min point) and applies its lower-order rules "
+                         "counting that step; a diffsolve grid cannot hold it: use final_sigmas_type='zero' or "
+                         "another steps_offset")
+
+
 def grid_options(rules: str, config: dict) -> tuple[str, int, list[str], str]:
     """(timestep_spacing, steps_offset, the σ-grid flags set, the final-step rule "zero" / "sigma_min" /
     "repeat") of scheduler ``rules`` from ``config``, with that scheduler's defaults; a bad value is an error."""
@@ -133,6 +143,7 @@ def diffusers_grid(schedule: DiscreteVP, steps: int, rules: str, config: dict) -
     if flags:
         kind = SIGMA_GRIDS[flags[0]]
         zero_final = final != "zero"
+        _check_zero_final(rules, zero_final)
         t = time_grid(schedule, steps - 1, kind) if zero_final else time_grid(schedule, steps, kind, t_end=0.0)
         # the network's timesteps come from diffusers' own float32 σ list: truncation sees its last bits
         fractional = _sigma_to_timestep(_diffusers_sigmas(flags[0], table, steps), log_sigmas)
@@ -157,6 +168,7 @@ def diffusers_grid(schedule: DiscreteVP, steps: int, rules: str, config: dict) -
                              f"({ts.tolist()}): it skips part of the trajectory; a diffsolve grid steps through every "
                              "point (use another step count or spacing)")
     zero_final = bool(t[-1] == t[-2])
+    _check_zero_final(rules, zero_final)
     t = t[:-1] if zero_final else t
     if not bool((t[1:] < t[:-1]).all()):
         raise ValueError(f"{rules} with this config at {steps} steps repeats a timestep ({ts.tolist()}): a step of zero "

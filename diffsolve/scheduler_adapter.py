@@ -52,6 +52,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -172,6 +173,20 @@ class _GeneratorNoise:
         return self.noise.normal(shape, step=step, sub=sub, dtype=dtype)
 
 
+def _diffusers_class_of(config: dict) -> str | None:
+    """The diffusers scheduler a config belongs to: its ``_class_name`` (a saved config) or, for a live
+    scheduler's ``.config`` (which has none), the one of :data:`SCHEDULERS` with exactly its keys."""
+    if "_class_name" in config:
+        return config["_class_name"]
+    import diffusers
+
+    keys = {k for k in config if not k.startswith("_")}
+    for name in SCHEDULERS:
+        if keys == {k for k in getattr(diffusers, name)().config if not k.startswith("_")}:
+            return name
+    return None
+
+
 class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler that runs a registered diffsolve sampler (see the module docstring).
 
@@ -255,9 +270,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             grid_options(diffusers_grid, self._grid_config())
 
         self.alphas_cumprod = schedule.alphas_cumprod.to(torch.float32)
-        previous = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alphas_cumprod[:-1]])
-        self.alphas = (schedule.alphas_cumprod / previous).to(torch.float32)
-        self.betas = 1.0 - self.alphas
+        ddpm = DDPMScheduler.from_config({k: v for k, v in self.config.items() if k in _SCHEDULE_KEYS})
+        self.betas, self.alphas = ddpm.betas, ddpm.alphas  # diffusers' own float32 tables
         self.init_noise_sigma = 1.0  # VP: x_T ~ N(0, I), as diffsolve.sample draws it
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -286,8 +300,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             config = dict(getattr(config, "config", config))
             if kwargs.get("sampler", config.get("sampler")) != config.get("sampler") and "sampler_options" not in kwargs:
                 config.pop("sampler_options", None)
-            if config.get("_class_name") in SCHEDULERS and not {"grid", "t_start", "t_end", "diffusers_grid"} & set(kwargs):
-                config["diffusers_grid"] = config["_class_name"]  # keep the pipeline's grid
+            source = _diffusers_class_of(config)
+            if source in SCHEDULERS and not {"grid", "t_start", "t_end", "diffusers_grid"} & set(kwargs):
+                config["diffusers_grid"] = source  # keep the pipeline's grid
             if {"grid", "t_start", "t_end"} & set(kwargs) and "diffusers_grid" not in kwargs:
                 config["diffusers_grid"] = None
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
