@@ -279,3 +279,106 @@ def test_ddim_pipeline_with_eta(unet, eta):
     model = DiffusionModel(unet, pipe.scheduler.schedule, "epsilon")
     ref = sample(model, "ddim", 5, x_T=x_T, eta=eta, seeds=pipe.scheduler.noise_seeds)
     assert torch.equal(outs[-1].prev_sample, ref)
+
+
+def first_sample_spy(scheduler):
+    """Record the sample of the first step (the pipeline's noised latents) and every prev_sample."""
+    seen, step = [], scheduler.step
+
+    def spy(model_output, timestep, sample, *args, **kwargs):
+        seen.append(sample)
+        out = step(model_output, timestep, sample, *args, **kwargs)
+        seen.append(out[0] if isinstance(out, tuple) else out.prev_sample)
+        return out
+
+    scheduler.step = spy
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler,options", ONE_EVAL_PER_STEP)
+def test_img2img_pipeline_starts_at_the_strength_grid_point(tmp_path, sampler, options):
+    """StableDiffusionImg2ImgPipeline (tiny SD, CFG, strength 0.6) with DiffsolveScheduler gives the latents of
+    diffsolve.sample on the rest of the grid from the pipeline's noised latents."""
+    pytest.importorskip("transformers")
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from tiny_sd import make_tiny_sd
+
+    from diffsolve import load_model
+
+    base = make_tiny_sd(tmp_path)
+    base.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    model = load_model(tmp_path / "pipe")
+    pipe = StableDiffusionImg2ImgPipeline(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DiffsolveScheduler.from_config(base.scheduler.config, sampler=sampler, sampler_options=options,
+                                                    diffusers_grid=None)
+    seen = first_sample_spy(pipe.scheduler)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    out = pipe("a cat", image=image, strength=0.6, num_inference_steps=10, guidance_scale=4.0, output_type="latent",
+               generator=torch.Generator().manual_seed(3)).images
+    grid = pipe.scheduler.grid
+    assert len(grid) - 1 == 6 and pipe.scheduler.begin_index == 4
+    ref = sample(model, sampler, 6, x_T=seen[0], grid=grid, prompt="a cat", guidance_scale=4.0, decode=False,
+                 seeds=pipe.scheduler.noise_seeds, **options)
+    assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_inpaint_pipeline_starts_at_the_strength_grid_point(tmp_path):
+    """StableDiffusionInpaintPipeline with a 9-channel (inpainting) UNet, strength 0.7: diffsolve.sample on the rest
+    of the grid, from the noised latents, with the same mask and masked-image latents."""
+    pytest.importorskip("transformers")
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from tiny_sd import LATENT, make_tiny_sd
+
+    base = make_tiny_sd(tmp_path)
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=LATENT, in_channels=9, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=4).eval()
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DiffsolveScheduler.from_config(base.scheduler.config, sampler="dpm_solver_pp", diffusers_grid=None)
+    inputs = []
+    forward = unet.forward
+
+    def record(sample, t, *args, **kwargs):
+        inputs.append(sample)
+        return forward(sample, t, *args, **kwargs)
+
+    unet.forward = record
+    seen = first_sample_spy(pipe.scheduler)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    out = pipe("a cat", image=image, mask_image=mask, strength=0.7, num_inference_steps=10, guidance_scale=1.0,
+               output_type="latent", generator=torch.Generator().manual_seed(3)).images
+    unet.forward = forward
+    conditioning = inputs[0][:, 4:]  # the mask and masked-image latents the pipeline concatenates
+    with torch.no_grad():
+        embeds = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
+    schedule = pipe.scheduler.schedule
+
+    def net(x, t):
+        return unet(torch.cat([x, conditioning], 1), schedule.model_time(t), encoder_hidden_states=embeds).sample
+
+    grid = pipe.scheduler.grid
+    assert len(grid) - 1 == 7
+    ref = sample(DiffusionModel(net, schedule, "epsilon"), "dpm_solver_pp", 7, x_T=seen[0], grid=grid)
+    assert rel(out, ref) <= 1e-5
+
+
+def test_add_noise_at_the_begin_index_uses_the_grid_sigma():
+    """On diffusers' Karras grid the network's timestep is rounded but the step's σ is not: an img2img start is
+    noised to the grid's σ, as diffusers' DPMSolverMultistepScheduler.add_noise does."""
+    theirs = DPMSolverMultistepScheduler(use_karras_sigmas=True)
+    ours = DiffsolveScheduler.from_config(theirs.config, sampler="dpm_solver_pp")
+    x0, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for s in (theirs, ours):
+        s.set_timesteps(10)
+        s.set_begin_index(4)
+    t = theirs.timesteps[4:5]
+    assert ours.timesteps[4] == t
+    assert rel(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t)) <= 1e-6
