@@ -33,9 +33,20 @@ The registered sampler functions run **unchanged**; none of their update rules i
   seeds=scheduler.noise_seeds)`` reproduces the pipeline's result. Deterministic samplers never touch the
   generator.
 
+Grids: diffsolve's (``grid``, ``t_start``, ``t_end``), or, from the config of a ``DDIMScheduler``,
+``DPMSolverMultistepScheduler``, ``PNDMScheduler`` or ``SASolverScheduler``, that scheduler's own
+(``diffusers_grid``; :mod:`diffsolve.diffusers_grids`), with the network fed diffusers' timesteps; custom
+``set_timesteps(timesteps=...)`` / ``sigmas=...``. Where diffusers' last step has length zero (DDIM/PNDM ending at
+ᾱ_0 after evaluating the network there), ``timesteps`` keeps that evaluation and its step returns x unchanged.
+
+Part-way starts (img2img / inpainting ``strength``): ``set_begin_index(k)`` re-plans the run to start at the
+grid point of ``timesteps[k]``; the sampler (traced again from there) must evaluate the network exactly at the
+remaining timesteps, which holds for samplers with one evaluation per step; ``add_noise`` at that timestep
+noises to the grid point's σ. ``scheduler.grid`` is the grid of the run.
+
 Refused: samplers with per-sample adaptive steps (``adaptive_sde``): the scheduler interface evaluates one
-shared timestep per call and fixes the timesteps before sampling. Not supported: pipelines that skip
-timesteps (img2img ``strength``) or change the latents between steps (a clear error names the step).
+shared timestep per call and fixes the timesteps before sampling. Not supported: pipelines that change the
+latents between steps (4-channel inpainting's blend; a clear error names the step).
 ``dpm_solver_v3`` needs its empirical model statistics to match the network: pass
 ``sampler_options={"ems": "<file>"}`` (or nothing for a model shipping them) and call
 :meth:`DiffsolveScheduler.set_model` with the pipeline's UNet so that they can be checked against it.
