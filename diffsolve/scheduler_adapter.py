@@ -642,8 +642,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             k = count[0]
             count[0] += 1
             if t.device.type == "cpu" and k < len(times):  # checked without a host sync where that is free
+                # the trace ran in float32: compare at float32 precision (or t's own, if lower)
+                common = torch.float32 if t.dtype == torch.float64 else t.dtype
                 got = float(t.reshape(-1)[0])
-                if got != float(torch.tensor(times[k], dtype=torch.float64).to(t.dtype)):
+                if float(t.reshape(-1)[0].to(common)) != float(torch.tensor(times[k], dtype=torch.float64).to(common)):
                     raise RuntimeError(f"sampler evaluated the network at t={got:.9g}, but its traced evaluation {k} "
                                        f"is at t={times[k]:.9g}: its evaluation times depend on the data")
             channel.to_main.put(("eval", x))

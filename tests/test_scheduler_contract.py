@@ -382,3 +382,33 @@ def test_add_noise_at_the_begin_index_uses_the_grid_sigma():
     t = theirs.timesteps[4:5]
     assert ours.timesteps[4] == t
     assert rel(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t)) <= 1e-6
+
+
+@pytest.mark.parametrize("flag", ["use_lu_lambdas", "use_karras_sigmas"])
+def test_sigma_grids_with_sigma_min_end_in_a_zero_step(flag):
+    """diffusers' DPM-Solver++ 3M on a σ grid with final_sigmas_type="sigma_min" repeats σ_min: its last step has
+    length zero, and from 15 steps on (no lower-order final step) its third-order update divides by it (NaN, on
+    the Gaussian-mixture oracle). DiffsolveScheduler refuses that config with the reason; with
+    final_sigmas_type="zero" it follows diffusers, finite."""
+    from diffsolve.testing import GaussianMixture
+
+    schedule = DiscreteVP.from_config(DDPMScheduler().config)
+    gmm = GaussianMixture.random(4, 3, schedule, seed=0)
+    x_T = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run(scheduler):
+        scheduler.set_timesteps(15)
+        x = x_T.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(gmm.eps(x, schedule.timestep_to_t(t).expand(len(x))), t, x).prev_sample
+        return x
+
+    theirs = DPMSolverMultistepScheduler(solver_order=3, final_sigmas_type="sigma_min", **{flag: True})
+    assert not torch.isfinite(run(theirs)).all()
+    ours = DiffsolveScheduler.from_config(theirs.config, sampler="dpm_solver_pp", sampler_options={"order": 3})
+    with pytest.raises(ValueError, match="ends with a step of length zero"):
+        ours.set_timesteps(15)
+    theirs = DPMSolverMultistepScheduler(solver_order=3, **{flag: True})
+    ours = DiffsolveScheduler.from_config(theirs.config, sampler="dpm_solver_pp", sampler_options={"order": 3})
+    out = run(ours)
+    assert torch.isfinite(out).all() and rel(out, run(theirs)) <= 1e-5
