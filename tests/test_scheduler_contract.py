@@ -442,3 +442,42 @@ def test_full_loop_matches_diffusers_on_digits16(cls, config, sampler, options):
                 x = scheduler.step(net(x, t).sample, t, x).prev_sample
         results.append(x)
     assert rel(results[1], results[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("skip_prk", [True, False])
+def test_pndm_v_prediction_diffusers_conversion(unet, skip_prk):
+    """diffusers' PNDMScheduler with v-prediction combines raw v outputs and converts them with the step's start
+    sample: pndm(v_conversion="diffusers") reproduces it; the default converts each output where it was made."""
+    theirs = PNDMScheduler(skip_prk_steps=skip_prk, steps_offset=1, prediction_type="v_prediction")
+    options = {"skip_prk": skip_prk}
+    compatible = DiffsolveScheduler.from_config(theirs.config, sampler="pndm",
+                                                sampler_options={**options, "v_conversion": "diffusers"})
+    exact = DiffsolveScheduler.from_config(theirs.config, sampler="pndm", sampler_options=options)
+    ref = loop(theirs, unet, X_T, 10)
+    assert rel(loop(compatible, unet, X_T, 10), ref) <= 1e-5
+    assert rel(loop(exact, unet, X_T, 10), ref) > 1e-3
+
+
+@pytest.mark.parametrize("skip_prk", [True, False])
+def test_pndm_v_conversion_on_the_oracle(skip_prk):
+    """On the Gaussian mixture the exact conversion makes a v-prediction network sample as its ε-prediction twin
+    (the method does not depend on how the network parameterises its output); diffusers' rule does not, and
+    its error to the exact ODE solution is larger."""
+    from diffsolve.schedules import VPLinear
+    from diffsolve.testing import GaussianMixture
+
+    schedule = VPLinear()
+    gmm = GaussianMixture.random(4, 3, schedule, seed=1)
+    x_T = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = gmm.ode_solution(x_T, *schedule.default_range)
+    runs = {(prediction, rule): sample(gmm.as_model(prediction), "pndm", 20, x_T=x_T, skip_prk=skip_prk,
+                                       v_conversion=rule)
+            for prediction in ("epsilon", "v") for rule in ("exact", "diffusers")}
+    assert rel(runs["v", "exact"], runs["epsilon", "exact"]) <= 1e-10
+    assert rel(runs["epsilon", "diffusers"], runs["epsilon", "exact"]) <= 1e-12  # ε networks: the same rule
+
+    def error(x):
+        return ((x - exact) ** 2).mean().sqrt().item()
+
+    assert error(runs["v", "diffusers"]) > 1.5 * error(runs["v", "exact"]), (error(runs["v", "diffusers"]),
+                                                                           error(runs["v", "exact"]))
