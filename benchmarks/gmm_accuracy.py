@@ -72,7 +72,7 @@ OURS = {
     "diffsolve ddim": ("ddim", {}, "time_uniform", same_nfe),
     "diffsolve bdia γ=0.5": ("bdia", {"gamma": 0.5}, "time_uniform", same_nfe),
     "diffsolve dpm_solver_pp 2M": ("dpm_solver_pp", {"order": 2}, "logSNR", same_nfe),
-    "diffsolve dpm_solver_pp 3M": ("dpm_solver_pp", {"order": 3}, "logSNR", same_nfe),
+    "diffsolve dpm_solver_pp 3M": ("dpm_solver_pp", {"order": 3, "third_order": "exact"}, "logSNR", same_nfe),
     "diffsolve pndm (F-PNDM)": ("pndm", {}, "time_uniform", prk_steps),
     "diffsolve pndm (PLMS only)": ("pndm", {"skip_prk": True}, "time_uniform", plms_steps),
     "diffsolve sa_solver 3/4, τ = 0": ("sa_solver", {"predictor_order": 3, "corrector_order": 4, "tau": 0.0}, "logSNR", same_nfe),

@@ -33,9 +33,20 @@ The registered sampler functions run **unchanged**; none of their update rules i
   seeds=scheduler.noise_seeds)`` reproduces the pipeline's result. Deterministic samplers never touch the
   generator.
 
+Grids: diffsolve's (``grid``, ``t_start``, ``t_end``), or, from the config of a ``DDIMScheduler``,
+``DPMSolverMultistepScheduler``, ``PNDMScheduler`` or ``SASolverScheduler``, that scheduler's own
+(``diffusers_grid``; :mod:`diffsolve.diffusers_grids`), with the network fed diffusers' timesteps; custom
+``set_timesteps(timesteps=...)`` / ``sigmas=...``. Where diffusers' last step has length zero (DDIM/PNDM ending at
+ᾱ_0 after evaluating the network there), ``timesteps`` keeps that evaluation and its step returns x unchanged.
+
+Part-way starts (img2img / inpainting ``strength``): ``set_begin_index(k)`` re-plans the run to start at the
+grid point of ``timesteps[k]``; the sampler (traced again from there) must evaluate the network exactly at the
+remaining timesteps, which holds for samplers with one evaluation per step; ``add_noise`` at that timestep
+noises to the grid point's σ. ``scheduler.grid`` is the grid of the run.
+
 Refused: samplers with per-sample adaptive steps (``adaptive_sde``): the scheduler interface evaluates one
-shared timestep per call and fixes the timesteps before sampling. Not supported: pipelines that skip
-timesteps (img2img ``strength``) or change the latents between steps (a clear error names the step).
+shared timestep per call and fixes the timesteps before sampling. Not supported: pipelines that change the
+latents between steps (4-channel inpainting's blend; a clear error names the step).
 ``dpm_solver_v3`` needs its empirical model statistics to match the network: pass
 ``sampler_options={"ems": "<file>"}`` (or nothing for a model shipping them) and call
 :meth:`DiffsolveScheduler.set_model` with the pipeline's UNet so that they can be checked against it.
@@ -52,12 +63,16 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+import numpy as np
+
 from .api import _resolve_grid, check_steps
 from .core import Run, SeededNoise, TimeGrid
+from .diffusers_grids import GRID_KEYS, SCHEDULERS, diffusers_grid, grid_options
 from .model import DiffusionModel, Prediction
 from .registry import get_sampler, list_samplers
 from .schedules import GRIDS, DiscreteVP
@@ -169,6 +184,20 @@ class _GeneratorNoise:
         return self.noise.normal(shape, step=step, sub=sub, dtype=dtype)
 
 
+def _diffusers_class_of(config: dict) -> str | None:
+    """The diffusers scheduler a config belongs to: its ``_class_name`` (a saved config) or, for a live
+    scheduler's ``.config`` (which has none), the one of :data:`SCHEDULERS` with exactly its keys."""
+    if "_class_name" in config:
+        return config["_class_name"]
+    import diffusers
+
+    keys = {k for k in config if not k.startswith("_")}
+    for name in SCHEDULERS:
+        if keys == {k for k in getattr(diffusers, name)().config if not k.startswith("_")}:
+            return name
+    return None
+
+
 class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler that runs a registered diffsolve sampler (see the module docstring).
 
@@ -180,6 +209,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         sampler_options: the sampler's options (JSON values), e.g. ``{"order": 3}``, ``{"tau": 1.0}``.
         grid, t_start, t_end: the time grid, as for ``diffsolve.sample`` (default: the sampler's grid kind from
             the schedule's t = 1 to t = 1/N).
+        diffusers_grid: instead, the grid that this diffusers scheduler (``"DDIMScheduler"``,
+            ``"DPMSolverMultistepScheduler"``, ``"PNDMScheduler"``, ``"SASolverScheduler"``) builds from the grid
+            options below (:mod:`diffsolve.diffusers_grids`), with the network fed diffusers' timesteps.
+            ``from_config`` of such a scheduler's config sets it, so a pipeline keeps its tuned grid; passing
+            ``grid``, ``t_start``, ``t_end`` or ``diffusers_grid=None`` there overrides it.
+        timestep_spacing, steps_offset, set_alpha_to_one, final_sigmas_type, lambda_min_clipped, use_karras_sigmas,
+            use_lu_lambdas, use_exponential_sigmas, use_beta_sigmas: diffusers' grid options (None: the default
+            of the ``diffusers_grid`` scheduler); kept in the config so that they travel back to diffusers.
     """
 
     order = 1
@@ -200,6 +237,16 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         grid: str | None = None,
         t_start: float | None = None,
         t_end: float | None = None,
+        diffusers_grid: str | None = None,
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        set_alpha_to_one: bool | None = None,
+        final_sigmas_type: str | None = None,
+        lambda_min_clipped: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
     ):
         spec = get_sampler(sampler)
         if spec.adaptive:
@@ -217,14 +264,25 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                             "and tensors are available through diffsolve.sample only") from err
         if grid is not None and grid not in GRIDS:
             raise ValueError(f"grid: expected one of {list(GRIDS)} or None (the sampler's default), got {grid!r}")
+        if diffusers_grid is not None:
+            if diffusers_grid not in SCHEDULERS:
+                raise ValueError(f"diffusers_grid: expected one of {list(SCHEDULERS)} or None, got {diffusers_grid!r}")
+            if grid is not None or t_start is not None or t_end is not None:
+                raise ValueError(f"diffusers_grid={diffusers_grid!r} fixes the grid; do not pass grid, t_start or t_end "
+                                 "with it (or pass diffusers_grid=None)")
         self.spec, self.options = spec, options
         schedule = DiscreteVP.from_config({k: v for k, v in self.config.items() if k in _SCHEDULE_KEYS})
         self.schedule = schedule
         self._bound = None
         self._model = self._make_model()
-        _resolve_grid(self._model, 2, grid, t_start, t_end, spec.default_grid)  # endpoints and grid kind checked now
+        if diffusers_grid is None:
+            _resolve_grid(self._model, 2, grid, t_start, t_end, spec.default_grid)  # endpoints and kind checked now
+        else:
+            grid_options(diffusers_grid, self._grid_config())
 
         self.alphas_cumprod = schedule.alphas_cumprod.to(torch.float32)
+        ddpm = DDPMScheduler.from_config({k: v for k, v in self.config.items() if k in _SCHEDULE_KEYS})
+        self.betas, self.alphas = ddpm.betas, ddpm.alphas  # diffusers' own float32 tables
         self.init_noise_sigma = 1.0  # VP: x_T ~ N(0, I), as diffsolve.sample draws it
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -233,6 +291,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._times: list[float] | None = None
         self._traces: dict[int, tuple] = {}
         self._timesteps_host: list[float] = []
+        self._zero_final = False
+        self._begin_index: int | None = None
         self._state = _RunState(None)
         self._reset_run()
 
@@ -251,6 +311,11 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             config = dict(getattr(config, "config", config))
             if kwargs.get("sampler", config.get("sampler")) != config.get("sampler") and "sampler_options" not in kwargs:
                 config.pop("sampler_options", None)
+            source = _diffusers_class_of(config)
+            if source in SCHEDULERS and not {"grid", "t_start", "t_end", "diffusers_grid"} & set(kwargs):
+                config["diffusers_grid"] = source  # keep the pipeline's grid
+            if {"grid", "t_start", "t_end"} & set(kwargs) and "diffusers_grid" not in kwargs:
+                config["diffusers_grid"] = None
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ---- setup ---------------------------------------------------------------------------------------
@@ -281,21 +346,145 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         the pipeline's generator again."""
         self._fixed_seeds = None if seeds is None else torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).cpu()
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None):
-        """Resolve the grid of ``num_inference_steps`` steps and list every network evaluation in ``timesteps``."""
-        check_steps(num_inference_steps, False, self.spec.name)
+    def _grid_config(self) -> dict:
+        return {k: self.config[k] for k in (*GRID_KEYS, "beta_schedule")}
+
+    def _final_time(self) -> float:
+        """Where a custom timestep or σ list ends: t = 0 unless the config ends at ᾱ_0 (``final_sigmas_type=
+        "sigma_min"``, ``set_alpha_to_one=False``)."""
+        rules = self.config.diffusers_grid
+        ends_at_one = rules is None or grid_options(rules, self._grid_config())[3] == "zero"
+        return 0.0 if ends_at_one else 1.0 / self.schedule.num_train_timesteps
+
+    def _plan(self, steps, timesteps, sigmas) -> tuple[Tensor, Tensor | None, bool]:
+        """(the grid, the network's timestep at each grid point or None for the schedule's, zero_final)."""
+        n_train = self.schedule.num_train_timesteps
+        if timesteps is not None or sigmas is not None:
+            if self.config.grid is not None or self.config.t_start is not None or self.config.t_end is not None:
+                raise ValueError("set_timesteps: custom timesteps or sigmas replace the configured grid; this scheduler "
+                                 "has grid/t_start/t_end set")
+            if any(self.config[k] for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
+                                            "use_beta_sigmas")):
+                raise ValueError("set_timesteps: custom timesteps or sigmas cannot be combined with use_*_sigmas")
+            given = np.asarray(timesteps if timesteps is not None else sigmas, dtype=np.float64).reshape(-1)
+            name = "timesteps" if timesteps is not None else "sigmas"
+            if len(given) < 1 or not np.isfinite(given).all() or (np.diff(given) >= 0).any():
+                raise ValueError(f"set_timesteps: {name} must be a non-empty, strictly decreasing list, got {given.tolist()}")
+            if timesteps is not None:
+                if (given != np.round(given)).any() or given[0] > n_train - 1 or given[-1] < 0:
+                    raise ValueError(f"set_timesteps: timesteps must be integers in [0, {n_train - 1}], got {given.tolist()}")
+                t = self.schedule.timestep_to_t(torch.from_numpy(given))
+                network = torch.from_numpy(given)
+            else:
+                if given[-1] <= 0:
+                    raise ValueError(f"set_timesteps: sigmas must be > 0 (the final σ is appended), got {given.tolist()}")
+                t = self.schedule.t_from_lambda(torch.from_numpy(-np.log(given)))
+                self.schedule.check_range(float(t[0]), float(t[-1]) / 2)
+                network = None
+            t = torch.cat([t, torch.tensor([self._final_time()], dtype=torch.float64)])
+            zero_final = bool(t[-1] == t[-2])
+            return (t[:-1] if zero_final else t), network, zero_final
+        check_steps(steps, False, self.spec.name)
+        if self.config.diffusers_grid is not None:
+            g = diffusers_grid(self.schedule, int(steps), self.config.diffusers_grid, self._grid_config())
+            return g.t, g.timesteps, g.zero_final
+        grid = _resolve_grid(self._model, int(steps), self.config.grid, self.config.t_start, self.config.t_end,
+                             self.spec.default_grid)
+        return grid, None, False
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps=None, sigmas=None, **kwargs):
+        """Resolve the grid of ``num_inference_steps`` steps (or of the custom ``timesteps`` — integer training
+        timesteps, decreasing — or VE noise levels ``sigmas`` = √((1 − ᾱ)/ᾱ), each followed by the config's
+        final point) and list every network evaluation in ``timesteps``. Other keywords (e.g. ``mu`` of flow
+        schedulers) are refused."""
+        if kwargs:
+            raise TypeError(f"set_timesteps: unsupported argument(s) {sorted(kwargs)} (a DiscreteVP schedule has no "
+                            "flow shift)")
+        if (num_inference_steps is None) == (timesteps is None and sigmas is None) or (
+                timesteps is not None and sigmas is not None):
+            raise ValueError("set_timesteps: pass exactly one of num_inference_steps, timesteps or sigmas")
         self._reset_run()
-        steps = int(num_inference_steps)
-        if steps not in self._traces:  # pipelines call set_timesteps on every run: trace each step count once
-            grid = _resolve_grid(self._model, steps, self.config.grid, self.config.t_start, self.config.t_end,
-                                 self.spec.default_grid)
+        self._begin_index = None
+        custom = timesteps is not None or sigmas is not None
+        key = num_inference_steps if not custom else None
+        if key is None or key not in self._traces:  # pipelines call set_timesteps on every run: trace each once
+            grid, network, zero_final = self._plan(num_inference_steps, timesteps, sigmas)
             times = self._trace(grid)
-            t32 = torch.tensor(times, dtype=torch.float64).to(torch.float32)
-            self._traces[steps] = (grid, times, self.schedule.model_time(t32))
-        self._grid, self._times, timesteps = self._traces[steps]
-        self.num_inference_steps = steps
-        self._timesteps_host = timesteps.tolist()
-        self.timesteps = timesteps.to(device)
+            evaluations = self._network_timesteps(grid, network, times)
+            if zero_final:  # diffusers evaluates the network once more, for a step of length zero
+                evaluations = torch.cat([evaluations, evaluations.new_tensor([float(network[-1])])])
+            plan = (grid, times, evaluations, zero_final)
+            if key is not None:
+                self._traces[key] = plan
+        else:
+            plan = self._traces[key]
+        self._grid, self._times, timesteps_out, self._zero_final = plan
+        self.num_inference_steps = len(self._grid) - 1 + self._zero_final
+        self._timesteps_host = timesteps_out.tolist()
+        self.timesteps = timesteps_out.to(device)
+
+    def _network_timesteps(self, grid: Tensor, network: Tensor | None, times: list[float]) -> Tensor:
+        """The timestep the network receives at each traced evaluation: diffusers' own at its grid points (when
+        the grid is diffusers'), else the schedule's ``model_time`` of the evaluation's time (float32)."""
+        t32 = torch.tensor(times, dtype=torch.float64).to(torch.float32)
+        out = self.schedule.model_time(t32)
+        if network is not None:
+            points = {float(v): k for k, v in enumerate(grid.to(torch.float32))}
+            for j, time in enumerate(t32.tolist()):
+                if time in points and points[time] < len(network):
+                    out[j] = float(network[points[time]])
+        return out
+
+    @property
+    def grid(self) -> Tensor | None:
+        """The time grid (float64) the sampler runs on in this run: from the begin index on when one is set
+        (``diffsolve.sample(model, sampler, len(grid) - 1, grid=scheduler.grid, x_T=...)`` runs the same)."""
+        if self._grid is None:
+            return None
+        return self._grid[self._begin_point():] if self._begin_index is not None else self._grid
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    @property
+    def step_index(self) -> int | None:
+        """The index into ``timesteps`` of the next ``step`` (None before the first)."""
+        return None if self._k == 0 else self._k + (self._begin_index or 0)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next run at ``timesteps[begin_index]`` (img2img ``strength``): the sampler runs from the grid
+        point the pipeline noised its latents to (``add_noise`` at that timestep), on the rest of the grid."""
+        if self._times is None:
+            raise RuntimeError("set_begin_index: call set_timesteps first")
+        n = len(self._timesteps_host)
+        if not 0 <= int(begin_index) < n:
+            raise ValueError(f"begin_index: expected 0 … {n - 1} (an index into timesteps), got {begin_index}")
+        self._reset_run()
+        self._begin_index = int(begin_index)
+        if self._begin_index == 0:
+            return
+        point = self._begin_point()
+        tail = self._trace(self._grid[point:]) if point < len(self._grid) - 1 else []
+        expected = self._timesteps_host[self._begin_index:len(self._times)]
+        if tail != self._times[self._begin_index:] or len(tail) != len(expected):
+            self._begin_index = None
+            raise ValueError(f"set_begin_index({begin_index}): sampler {self.spec.name!r} run from that grid point "
+                             f"evaluates the network {len(tail)} times, not the {len(expected)} timesteps the pipeline "
+                             "has left (its warm-up takes extra evaluations, e.g. F-PNDM's pseudo Runge–Kutta steps); "
+                             "a part-way start needs a sampler with one evaluation per step (ddim, dpm_solver_pp, "
+                             "sa_solver, bdia, euler_maruyama, dpm_solver_v3)")
+        self._tail_times = tail
+
+    def _begin_point(self) -> int:
+        """The grid point at which evaluation ``begin_index`` is made."""
+        time = self._times[self._begin_index] if self._begin_index < len(self._times) else float(self._grid[-1])
+        points = [float(v) for v in self._grid.to(torch.float32)]
+        if time not in points:
+            raise ValueError(f"set_begin_index({self._begin_index}): timesteps[{self._begin_index}] is not a grid point "
+                             f"of sampler {self.spec.name!r} (an intermediate evaluation of a step)")
+        return points.index(time)
 
     def _trace(self, grid: Tensor) -> list[float]:
         """The times (as float32 values, what the sampler passes) of every network evaluation on ``grid``."""
@@ -319,13 +508,22 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         return times
 
     # ---- diffusers' interface -------------------------------------------------------------------------
-    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
+    def scale_model_input(self, sample: Tensor, timestep=None, *args, **kwargs) -> Tensor:
         """The identity: the network takes x_t as is (VP schedules)."""
         return sample
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """x_t = α_t x0 + σ_t ε at integer training timesteps (for training and pipelines that noise inputs)."""
-        t = self.schedule.timestep_to_t(torch.as_tensor(timesteps).cpu().reshape(-1))
+        """x_t = α_t x0 + σ_t ε. A timestep of the current ``timesteps`` (an img2img start) is noised to its grid
+        point (which, on diffusers' σ grids, is not the rounded timestep's own noise level); any other integer
+        training timestep (training, DDPM-style use) to that timestep."""
+        steps = torch.as_tensor(timesteps).cpu().reshape(-1).to(torch.float64)
+        t = self.schedule.timestep_to_t(steps)
+        if self._times is not None:
+            listed = {v: k for k, v in reversed(list(enumerate(self._timesteps_host)))}
+            for j, value in enumerate(steps.tolist()):
+                k = self._begin_index if self._begin_index is not None else listed.get(float(np.float32(value)))
+                if k is not None and k < len(self._times):
+                    t[j] = self._times[k]
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         a = self.schedule.alpha(t).reshape(shape).to(original_samples)
         s = self.schedule.sigma(t).reshape(shape).to(original_samples)
@@ -334,16 +532,36 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
+    def _run_plan(self) -> tuple[Tensor, list[float], int]:
+        """(grid, evaluation times, index of the first timestep) of the run that starts at the begin index."""
+        if not self._begin_index:
+            return self._grid, self._times, 0
+        return self._grid[self._begin_point():], self._tail_times, self._begin_index
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float | None = None,
+             use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = True,
+             **kwargs):
         """Hand the network's output at ``timestep`` (= ``timesteps[k]`` of the k-th call) to the sampler and
-        return the next point to evaluate (after the last evaluation: the sampler's result)."""
+        return the next point to evaluate (after the last evaluation: the sampler's result).
+
+        ``eta`` (``DDIMPipeline`` passes it): DDIM's η for this run, where the sampler has an ``eta`` option (it
+        must not change within a run); other samplers accept only η = 0 or None. ``generator`` seeds the noise
+        (see the module docstring). ``use_clipped_model_output`` and ``variance_noise`` are refused: the
+        sampler's noise comes from its seeds and its outputs are not clipped."""
+        if kwargs:
+            raise TypeError(f"step: unsupported argument(s) {sorted(kwargs)}")
+        if use_clipped_model_output or variance_noise is not None:
+            raise ValueError("step: use_clipped_model_output and variance_noise are not supported (the sampler draws "
+                             "its own seeded noise and does not clip x̂0)")
         if self._times is None:
             raise RuntimeError("DiffsolveScheduler.step: call set_timesteps(num_inference_steps) first")
-        k, n = self._k, len(self._times)
-        if k >= n:
-            raise RuntimeError(f"DiffsolveScheduler.step: all {n} network evaluations of this run were handed over "
+        grid, times, first = self._run_plan() if self._k == 0 else (self._grid, self._run_times, self._first)
+        k, n = self._k, len(times)
+        total = n + self._zero_final
+        if k >= total:
+            raise RuntimeError(f"DiffsolveScheduler.step: all {total} network evaluations of this run were handed over "
                                "already; call set_timesteps to start another run")
-        self._check_timestep(k, timestep)
+        self._check_timestep(first + k, timestep)
         if not isinstance(model_output, Tensor) or not isinstance(sample, Tensor):
             raise TypeError("step: model_output and sample must be tensors")
         c = sample.shape[1] if sample.ndim > 1 else 0
@@ -353,13 +571,20 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             self._abandon()
             raise ValueError(f"step {k}: model_output has shape {tuple(model_output.shape)}, expected the latents' "
                              f"shape {tuple(sample.shape)} (or 2·{c} channels with a learned variance)")
+        options = self._options_with_eta(eta)
         if k == 0:
-            self._start(sample, generator)
+            self._run_times, self._first, self._run_options = times, first, options
+            self._start(sample, generator, grid, times, options)
+        elif options != self._run_options:
+            raise ValueError(f"step {k}: eta={eta} differs from this run's eta={self._run_options.get('eta')}")
         elif sample is not self._pending and not torch.equal(sample, self._pending):
             self._abandon()
             raise ValueError(f"step {k}: the sample differs from the prev_sample this scheduler returned at step "
                              f"{k - 1}; DiffsolveScheduler runs a multistep sampler whose state cannot follow latents "
                              "changed between steps (e.g. by a callback or an inpainting blend)")
+        if k == n:  # diffusers' zero-length last step: x stays where it is
+            self._k = k + 1
+            return (sample,) if not return_dict else DiffsolveSchedulerOutput(prev_sample=sample)
         self._state.generator = generator
         self._channel.to_worker.put(model_output)
         kind, value = self._channel.to_main.get()
@@ -376,9 +601,19 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         elif self._k != n:  # done early
             self._times = None
             raise RuntimeError(f"sampler {self.spec.name!r} finished after {self._k} of {n} traced network evaluations")
+        else:
+            self._pending = value
         if not return_dict:
             return (value,)
         return DiffsolveSchedulerOutput(prev_sample=value, pred_original_sample=x0)
+
+    def _options_with_eta(self, eta) -> dict:
+        if eta is None or ("eta" not in self.spec.options and eta == 0):
+            return self.options
+        if "eta" not in self.spec.options:
+            raise ValueError(f"step: eta={eta} was passed, but sampler {self.spec.name!r} has no eta option (only ddim "
+                             "has); pass eta=0 or use sampler='ddim'")
+        return {**self.options, "eta": float(eta)}
 
     # ---- the worker ----------------------------------------------------------------------------------
     def _check_timestep(self, k: int, timestep) -> None:
@@ -392,23 +627,25 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if not math.isclose(value, expected, rel_tol=1e-6, abs_tol=1e-4):
             raise ValueError(f"step {k}: got timestep {value:g}, but this scheduler's timesteps[{k}] is {expected:g}; "
                              "DiffsolveScheduler takes its timesteps in order, one step per entry, and cannot skip or "
-                             "repeat them (img2img strength and similar are not supported)")
+                             "repeat them (a pipeline that starts part-way, e.g. img2img, calls set_begin_index)")
 
-    def _start(self, x_T: Tensor, generator) -> None:
+    def _start(self, x_T: Tensor, generator, grid: Tensor, times: list[float], options: dict) -> None:
         """Start the sampler on x_T in a worker thread and wait for its first request (at x_T itself)."""
         state = self._state = _RunState(self._fixed_seeds)
         state.generator = generator
         channel = _Channel()
         model = self._make_model()
         model.state = state
-        times, count = list(self._times), [0]
+        times, count = list(times), [0]
 
         def handoff(x, t):
             k = count[0]
             count[0] += 1
             if t.device.type == "cpu" and k < len(times):  # checked without a host sync where that is free
+                # the trace ran in float32: compare at float32 precision (or t's own, if lower)
+                common = torch.float32 if t.dtype == torch.float64 else t.dtype
                 got = float(t.reshape(-1)[0])
-                if got != float(torch.tensor(times[k], dtype=torch.float64).to(t.dtype)):
+                if float(t.reshape(-1)[0].to(common)) != float(torch.tensor(times[k], dtype=torch.float64).to(common)):
                     raise RuntimeError(f"sampler evaluated the network at t={got:.9g}, but its traced evaluation {k} "
                                        f"is at t={times[k]:.9g}: its evaluation times depend on the data")
             channel.to_main.put(("eval", x))
@@ -420,9 +657,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             return out.to(x.dtype)
 
         model.handoff = handoff
-        run = Run(model, TimeGrid(self.schedule, self._grid), _GeneratorNoise(state, x_T.shape[0], x_T.device),
+        run = Run(model, TimeGrid(self.schedule, grid), _GeneratorNoise(state, x_T.shape[0], x_T.device),
                   device=x_T.device)
-        fn, options, inference = self.spec.fn, dict(self.options), torch.is_inference_mode_enabled()
+        fn, options, inference = self.spec.fn, dict(options), torch.is_inference_mode_enabled()
         stream = torch.cuda.current_stream(x_T.device) if x_T.is_cuda else None
 
         def work():

@@ -295,7 +295,13 @@ def get_schedule(name: str, **kwargs) -> NoiseSchedule:
 
 # ---- time grids -------------------------------------------------------------------------------------
 
-GRIDS = ("time_uniform", "time_quadratic", "logSNR", "karras", "leading", "trailing", "linspace")
+GRIDS = ("time_uniform", "time_quadratic", "logSNR", "karras", "beta", "lu_lambdas", "exponential", "leading", "trailing",
+         "linspace")
+#: grid kinds that are another kind's σ list under diffusers' name (diffusers' ``use_lu_lambdas`` and
+#: ``use_exponential_sigmas`` both space σ/α geometrically, i.e. uniformly in λ)
+_SAME_GRID = {"lu_lambdas": "logSNR", "exponential": "logSNR"}
+#: the shape parameters of the beta grid (diffusers' ``_convert_to_beta`` defaults, from Lee et al. 2024)
+BETA_GRID_SHAPE = (0.6, 0.6)
 
 
 def time_grid(
@@ -307,6 +313,12 @@ def time_grid(
     - ``time_uniform``: uniform in t; ``time_quadratic``: uniform in √t (DPM-Solver's ``time_quadratic``);
     - ``logSNR``: uniform in λ (DPM-Solver's recommendation at ≤ 20 steps);
     - ``karras``: Karras et al.'s ρ-polynomial grid in σ/α = e^{−λ} (ρ = 7);
+    - ``beta``: σ/α at the quantiles 1 − k/steps of a Beta(0.6, 0.6) distribution between its ends ("Beta
+      sampling is all you need", Lee et al. 2024; diffusers' ``use_beta_sigmas``);
+    - ``lu_lambdas``, ``exponential``: diffusers' names of ``logSNR`` (``use_lu_lambdas``,
+      ``use_exponential_sigmas``);
+    - with ``t_end = 0`` the λ-based kinds (logSNR, karras, beta) space ``steps`` points from t_start to the
+      schedule's default end and append t = 0 (diffusers' ``final_sigmas_type="zero"``);
     - ``leading``, ``trailing``, ``linspace``: diffusers' ``DDIMScheduler`` timestep spacings over the
       discrete training timesteps (:class:`DiscreteVP` only, ``steps_offset`` = 0). Their last point is t = 0
       (clean data), as DDIM with ``set_alpha_to_one=True``; ``t_start``/``t_end`` do not apply.
@@ -331,15 +343,27 @@ def time_grid(
     elif kind == "time_quadratic":
         ts = torch.linspace(t_start**0.5, t_end**0.5, steps + 1, dtype=torch.float64) ** 2
     else:
-        if t_end == 0:
-            raise ValueError(f"grid {kind!r} is uniform in a function of λ and cannot end at t_end=0 (λ = +∞)")
+        if t_end == 0:  # the kind's grid to the last noisy time, then a final step onto clean data
+            last = schedule.default_range[1]
+            if steps < 2 or not t_start > last:
+                raise ValueError(f"grid {kind!r} with t_end=0 spaces steps − 1 steps from t_start to {last} before the "
+                                 f"final step onto t = 0: needs steps >= 2 and t_start > {last}, got steps={steps}, "
+                                 f"t_start={t_start}")
+            return torch.cat([time_grid(schedule, steps - 1, kind, t_start, last, rho),
+                              torch.zeros(1, dtype=torch.float64)])
         lam = schedule.lambda_(torch.tensor([t_start, t_end], dtype=torch.float64))
+        ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+        s_max, s_min = torch.exp(-lam[0]), torch.exp(-lam[1])
+        kind = _SAME_GRID.get(kind, kind)
         if kind == "logSNR":
             lams = torch.linspace(float(lam[0]), float(lam[1]), steps + 1, dtype=torch.float64)
-        else:  # karras: ρ-polynomial in the VE noise level σ/α = e^{−λ}
-            s_max, s_min = torch.exp(-lam[0]), torch.exp(-lam[1])
-            ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+        elif kind == "karras":  # ρ-polynomial in the VE noise level σ/α = e^{−λ}
             lams = -torch.log((s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho)
+        else:  # beta: Beta(a, b) quantiles in σ/α
+            from scipy.stats import beta as beta_distribution
+
+            q = torch.from_numpy(beta_distribution.ppf(1 - ramp.numpy(), *BETA_GRID_SHAPE))
+            lams = -torch.log(s_min + q * (s_max - s_min))
         ts = schedule.t_from_lambda(lams)
     ts[0], ts[-1] = t_start, t_end  # exact endpoints despite round-off
     return ts

@@ -61,7 +61,7 @@ def test_class_label_errors_and_model_type():
 def test_registry_lists_and_checks():
     assert {"ddim", "dpm_solver_pp", "euler_maruyama"} <= set(diffsolve.list_samplers())
     spec = diffsolve.get_sampler("dpm_solver_pp")
-    assert spec.options == {"order": 2, "solver_type": "midpoint", "lower_order_final": True}
+    assert spec.options == {"order": 2, "solver_type": "midpoint", "lower_order_final": True, "third_order": "diffusers"}
     with pytest.raises(TypeError, match="expected fn"):
         diffsolve.register_sampler("broken")(lambda run, x, order=2: x)
 

@@ -153,7 +153,10 @@ def test_stable_diffusion_pipeline(tmp_path):
     model = load_model(tmp_path / "pipe")
     prompts, negative = ["a red cat", "a dog"], ["blurry", "dark"]
     for sampler, options in [("dpm_solver_pp", {}), ("sa_solver", {"tau": 1.0}), ("pndm", {})]:
-        pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, sampler=sampler, sampler_options=options)
+        # diffusers_grid=None: diffsolve's own grid for the sampler, not the DPMSolverMultistepScheduler's grid that
+        # from_config of its config takes over (tests/test_scheduler_contract.py checks that one)
+        pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, sampler=sampler, sampler_options=options,
+                                                        diffusers_grid=None)
         out = pipe(prompts, negative_prompt=negative, guidance_scale=6.0, num_inference_steps=5, output_type="latent",
                    generator=torch.Generator().manual_seed(8)).images
         x_T = randn_tensor((2, 4, LATENT, LATENT), generator=torch.Generator().manual_seed(8))
