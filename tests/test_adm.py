@@ -323,3 +323,32 @@ def test_convert_and_solve_at_256_in_colour(tmp_path):
         x, info = solve(model, op, y, method, noise=0.05, steps=2, return_info=True, **options)
         assert x.shape == (1, 3, 256, 256) and torch.isfinite(x).all(), method
         assert info.nfe >= 2, method
+
+
+@pytest.mark.slow
+def test_convert_degrade_restore_commands_at_256(tmp_path):
+    """The README's photo walk-through as commands: ``convert`` a random-weight FFHQ-256 checkpoint, ``degrade``
+    a photo of another size (``--resize 256``), ``restore`` it with DDS and with checkpointed DPS (2 steps each:
+    plumbing and shapes at the papers' size, not quality)."""
+    from PIL import Image
+
+    torch.save(_ffhq_official().state_dict(), tmp_path / "ffhq_10m.pt")
+    photo = tmp_path / "face.jpg"
+    Image.fromarray(torch.randint(0, 256, (300, 260, 3), dtype=torch.uint8).numpy()).save(photo)
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "diffsolve", *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run("convert", tmp_path / "ffhq_10m.pt", tmp_path / "ffhq")
+    run("degrade", "--task", "inpaint_box", "--input", photo, "--resize", 256, "--out", tmp_path / "y.png")
+    assert Image.open(tmp_path / "y.png").size == (256, 256)
+    for method, extra in [("dds", []), ("dps", ["--checkpointing", "True"])]:
+        out = tmp_path / f"{method}.png"
+        report = run("restore", "--model", tmp_path / "ffhq", "--task", "inpaint_box", "--method", method,
+                     "--input", tmp_path / "y.png", "--reference", photo, "--resize", "--steps", 2,
+                     "--out", out, "--quiet", *extra)
+        assert "PSNR" in report, report
+        restored = Image.open(out)
+        assert restored.size == (256, 256) and restored.mode == "RGB", method
