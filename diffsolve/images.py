@@ -1,7 +1,9 @@
-"""Saving samples as PNG: [−1, 1] tensors to 8-bit images, grids, atomic writes."""
+"""Saving samples as PNG: [−1, 1] tensors to 8-bit images, grids, atomic writes, and the settings a PNG
+carries in its metadata (a measurement's task, seeds and σ_y, read back by ``diffsolve restore``)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .files import atomic_write
 
@@ -33,10 +35,32 @@ def make_grid(x: torch.Tensor, per_row: int | None = None, pad: int = 1, scale: 
     return to_uint8(rearrange(x, "(r c) ch h w -> 1 ch (r h) (c w)", r=rows, c=per_row))[0]
 
 
-def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write atomically (:func:`diffsolve.files.atomic_write`)."""
+#: the PNG text chunk that holds diffsolve's settings (JSON)
+_SETTINGS_KEY = "diffsolve"
+
+
+def save_png(image: np.ndarray, path: str | Path, settings: dict | None = None) -> None:
+    """Write atomically (:func:`diffsolve.files.atomic_write`); ``settings`` (JSON-able) go into a text chunk
+    that :func:`png_settings` reads back."""
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    info = None
+    if settings is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(_SETTINGS_KEY, json.dumps(settings, sort_keys=True))
+    atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
+
+
+def png_settings(path: str | Path) -> dict:
+    """The settings :func:`save_png` stored in a PNG; {} for a PNG without them (any other image)."""
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}).get(_SETTINGS_KEY)
+    if text is None:
+        return {}
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: its diffsolve metadata is not valid JSON") from None
+    return settings if isinstance(settings, dict) else {}
 
 
 def load_png(path: str | Path) -> torch.Tensor:
