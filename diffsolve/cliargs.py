@@ -281,7 +281,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         if ("default" in text or action.required or not action.option_strings
-                or action.default in (None, False, argparse.SUPPRESS)):
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -327,3 +327,14 @@ def interrupted_note(args) -> str:
     if hasattr(args, "workdir"):
         return "nothing was kept (no --workdir); give --workdir to make a run resumable"
     return "no partial file was written (files are written whole, once done); rerun the command to start again"
+
+
+def add_force_arg(p, flag: str = "--out") -> None:
+    p.add_argument("--force", action="store_true", help=f"replace an existing {flag} (default: refuse)")
+
+
+def refuse_to_overwrite(parser: argparse.ArgumentParser, path, force: bool, flag: str = "--out") -> None:
+    """A usage error, before any work, if ``path`` exists and ``--force`` was not given (user files and the
+    package's shipped files are never replaced by accident)."""
+    if Path(path).exists() and not force:
+        parser.error(f"{flag} {path} exists; pass --force to replace it, or choose another {flag}")
