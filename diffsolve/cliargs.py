@@ -159,10 +159,12 @@ def _declared_types(param: inspect.Parameter) -> list[str]:
     default of None: a string or None, e.g. a path)."""
     if param.annotation is not inspect.Parameter.empty:
         annotation = param.annotation if isinstance(param.annotation, str) else inspect.formatannotation(param.annotation)
-        return _alternatives(annotation.replace("Optional[", "None | ").replace("typing.", ""))
-    if param.default is None:
-        return ["str", "None"]
-    return [type(param.default).__name__]
+        kinds = _alternatives(annotation.replace("typing.", ""))
+    elif param.default is None:
+        kinds = ["str", "None"]
+    else:
+        kinds = [type(param.default).__name__]
+    return sorted(kinds, key=lambda kind: kind != "None")  # 'none' is None, before any string reading of it
 
 
 def _read_number(text: str, kind: str):
