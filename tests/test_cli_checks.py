@@ -365,10 +365,21 @@ def test_a_unet_folder_takes_scheduler_config(tmp_path, capsys):
 
 # ---- 13: no spurious diffusers warning on --device cpu ------------------------------------------------------
 
-def test_device_cpu_loads_without_the_float32_warning(model_dir, tmp_path, capfd):
-    assert main(["sample", "--model", str(model_dir), "--device", "cpu", "--steps", "1", "--num", "1", "--out",
-                 str(tmp_path / "x.png"), "--quiet"]) == 0
-    assert "kept in float32" not in capfd.readouterr().err
+def test_device_cpu_loads_without_the_float32_warning(model_dir, tmp_path):
+    """diffusers logs through its own (non-propagating) logger: a handler on it sees every warning."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        assert main(["sample", "--model", str(model_dir), "--device", "cpu", "--steps", "1", "--num", "1", "--out",
+                     str(tmp_path / "x.png"), "--quiet"]) == 0
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [r for r in records if "kept in float32" in r.getMessage()]
 
 
 # ---- 7: examples never overwrite shipped (or any existing) files ------------------------------------------
