@@ -3,6 +3,7 @@
     diffsolve sample --model digits16 --sampler dpm_solver_pp --steps 10 --num 64 --seed 0 --out samples.png
     diffsolve sample --model path/to/sd-pipeline --prompt "a red fox" --guidance 7.5 --steps 20 --num 4 --out fox.png
     diffsolve samplers
+    diffsolve digits --split test --index 3 --out clean.png
     diffsolve ems --model digits16 --data digits --out ems.safetensors
 
 Sampler options are passed as ``--name value`` after the known flags (``--order 3``, ``--eta 1.0``); each

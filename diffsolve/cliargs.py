@@ -273,7 +273,7 @@ def check_conditioning(args, model=None) -> None:
 # ---- usage and help -------------------------------------------------------------------------------------
 
 #: ``--steps`` default when not given (argparse leaves a non-string default unconverted)
-STEPS_NOT_GIVEN = type("StepsNotGiven", (), {"__repr__": lambda self: "10, or none for adaptive samplers"})()
+STEPS_NOT_GIVEN = object()
 
 
 class HelpFormatter(argparse.HelpFormatter):
