@@ -1,8 +1,10 @@
-"""Images and [−1, 1] tensors: saving samples as PNG (grids, atomic writes) and reading 8-bit image files (PNG,
-JPEG, …) with an optional center-crop-and-resize."""
+"""Images and [−1, 1] tensors: saving samples as PNG (grids, atomic writes, and the settings a PNG carries in its
+metadata: a measurement's task, seeds and σ_y, read back by ``diffsolve restore``) and reading 8-bit image files
+(PNG, JPEG, …) with an optional center-crop-and-resize."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .files import atomic_write
 
@@ -34,10 +36,35 @@ def make_grid(x: torch.Tensor, per_row: int | None = None, pad: int = 1, scale: 
     return to_uint8(rearrange(x, "(r c) ch h w -> 1 ch (r h) (c w)", r=rows, c=per_row))[0]
 
 
-def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write atomically (:func:`diffsolve.files.atomic_write`)."""
+#: the PNG text chunk that holds diffsolve's settings (JSON)
+_SETTINGS_KEY = "diffsolve"
+
+
+def save_png(image: np.ndarray, path: str | Path, settings: dict | None = None) -> None:
+    """Write atomically (:func:`diffsolve.files.atomic_write`); ``settings`` (JSON-able) go into a text chunk
+    that :func:`png_settings` reads back."""
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    info = None
+    if settings is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(_SETTINGS_KEY, json.dumps(settings, sort_keys=True))
+    atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
+
+
+def png_settings(image: str | Path | Image.Image) -> dict:
+    """The settings :func:`save_png` stored in a PNG (a path or an image :func:`read_image` decoded); {} for an
+    image without them."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as img:
+            return png_settings(img)
+    text = image.info.get(_SETTINGS_KEY)
+    if text is None:
+        return {}
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{image.filename or 'the image'}: its diffsolve metadata is not valid JSON") from None
+    return settings if isinstance(settings, dict) else {}
 
 
 #: PIL modes that only encode grey or colour differently: decoded to L / RGB (a palette with transparency to RGBA)

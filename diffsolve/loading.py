@@ -119,7 +119,8 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
         if scheduler_config is None:
             if not (folder / "scheduler_config.json").is_file():
                 raise ValueError(f"{folder} holds a UNet without a scheduler config: pass scheduler_config= (a dict, "
-                                 "a diffusers scheduler, or a path to scheduler_config.json)")
+                                 "a diffusers scheduler, or a path to scheduler_config.json; on the command line "
+                                 "--scheduler-config)")
             scheduler_config = folder
         unet = _load_unet(folder, None)
         config = _scheduler_config(scheduler_config)
@@ -128,7 +129,9 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
                                 "folder (config.json)")
 
     unet = unet.eval().requires_grad_(False)
-    if device is not None or dtype is not None:
-        unet = unet.to(device=device, dtype=dtype)
+    # only what is asked for: diffusers warns about float32 modules whenever `dtype` is passed, even as None
+    moves = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
+    if moves:
+        unet = unet.to(**moves)
     schedule = DiscreteVP.from_config(config)
     return DiffusionModel(unet, schedule, prediction or schedule.prediction_type or "epsilon")

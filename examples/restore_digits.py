@@ -4,17 +4,20 @@ grid PNG, a block of rows per task, columns clean / measured / DPS / DDS / DAPS.
     python examples/restore_digits.py --out restore_digits.png [--num 4 --dps-steps 1000 --daps daps_100]
 
 The "measured" column shows y itself (the ×4 super-resolution measurement enlarged 4× by nearest neighbour;
-inpainting holes are mid-grey, y = 0). Per task and method the mean PSNR over the digits is printed.
+inpainting holes are mid-grey, y = 0). Per task and method the mean PSNR over the digits is printed, and a
+progress bar runs over each method's steps (after a line naming the task and method) (``--quiet``: none).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from diffsolve import load_model, solve
+from diffsolve.cliargs import HelpFormatter, device, output_file, positive_int
 from diffsolve.data import digits
 from diffsolve.images import make_grid, save_png
 from diffsolve.inverse import measure, psnr
@@ -22,13 +25,14 @@ from diffsolve.inverse.tasks import TASKS, get_task
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="restore_digits.png")
-    ap.add_argument("--num", type=int, default=4, help="digits per task")
-    ap.add_argument("--dps-steps", type=int, default=1000)
-    ap.add_argument("--daps", default="daps_100", choices=["daps_100", "daps_1k", "daps"])
-    ap.add_argument("--scale", type=int, default=4, help="enlarge each tile in the PNG")
-    ap.add_argument("--device", default="cpu")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--out", type=output_file(".png"), default="restore_digits.png", help="the comparison grid PNG")
+    ap.add_argument("--num", type=positive_int, default=4, help="digits per task")
+    ap.add_argument("--dps-steps", type=positive_int, default=1000, help="DPS's ancestral steps")
+    ap.add_argument("--daps", default="daps_100", choices=["daps_100", "daps_1k", "daps"], help="the DAPS preset")
+    ap.add_argument("--scale", type=positive_int, default=4, help="enlarge each tile in the PNG")
+    ap.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args()
 
     model = load_model("digits16", device=args.device)
@@ -43,8 +47,10 @@ def main() -> None:
         line = [f"{name:15s}", f"pinv {float(psnr(op.A_pinv(y), x).mean()):5.2f}"]
         for method in ("dps", "dds", args.daps):
             steps = args.dps_steps if method == "dps" else None
+            if not args.quiet:
+                print(f"{name}: {method}", file=sys.stderr, flush=True)
             out = solve(model, op, y, method, noise=task.noise(), steps=steps, seeds=range(args.num),
-                        **task.solver_options(method))
+                        progress=not args.quiet, **task.solver_options(method))
             outs.append(out)
             line.append(f"{method} {float(psnr(out, x).mean()):5.2f}")
         print("  ".join(line) + "  (PSNR dB)", flush=True)

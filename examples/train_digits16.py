@@ -1,6 +1,9 @@
 """Train the shipped ``digits16`` model: a class-conditional diffusers ``UNet2DModel`` on scikit-learn's digits.
 
-    python examples/train_digits16.py --workdir runs/digits16 --out diffsolve/models/digits16
+    python examples/train_digits16.py --workdir runs/digits16 --out runs/digits16-model
+
+(the shipped model was written with ``--out diffsolve/models/digits16 --force``: an existing ``--out`` is
+replaced only with ``--force``).
 
 Seeded and resumable: a checkpoint (weights, EMA weights, optimiser, data-order generator, step) is written
 atomically to ``--workdir`` every ``--checkpoint-every`` steps, and a rerun with the same workdir continues
@@ -32,6 +35,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm import tqdm
 
 from diffsolve.data import digits
+from diffsolve.cliargs import (HelpFormatter, add_force_arg, finite_float, output_folder, positive_int,
+                               refuse_to_overwrite)
 from diffsolve.files import atomic_write
 
 NUM_CLASSES = 10  # the null class used for guidance is index NUM_CLASSES
@@ -61,20 +66,23 @@ def build_scheduler() -> DDPMScheduler:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("runs/digits16"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "diffsolve/models/digits16")
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--p-uncond", type=float, default=0.1)
-    ap.add_argument("--checkpoint-every", type=int, default=250)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--workdir", type=output_folder, default="runs/digits16",
+                    help="checkpoints; a rerun with the same workdir resumes")
+    ap.add_argument("--out", type=output_folder, default="runs/digits16-model",
+                    help="the diffusers pipeline folder to write at the end")
+    add_force_arg(ap)
+    ap.add_argument("--steps", type=positive_int, default=6000, help="training steps in all (a resumed run included)")
+    ap.add_argument("--batch", type=positive_int, default=128, help="images per step")
+    ap.add_argument("--lr", type=finite_float, default=1e-3, help="peak AdamW learning rate (cosine schedule)")
+    ap.add_argument("--warmup", type=positive_int, default=200, help="linear warm-up steps")
+    ap.add_argument("--ema", type=finite_float, default=0.999, help="EMA decay of the saved weights")
+    ap.add_argument("--p-uncond", type=finite_float, default=0.1, help="probability of the null class label")
+    ap.add_argument("--checkpoint-every", type=positive_int, default=250, help="steps between checkpoints")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     args = ap.parse_args()
-    if args.steps < 1 or args.batch < 1:
-        ap.error(f"--steps and --batch must be positive, got {args.steps} and {args.batch}")
+    refuse_to_overwrite(ap, args.out, args.force)
+    args.workdir, args.out = Path(args.workdir), Path(args.out)
 
     torch.manual_seed(args.seed)
     images, labels = digits("train")

@@ -1,6 +1,9 @@
 """Train the FID-digits feature network: a small CNN classifier of scikit-learn's digits (16×16).
 
-    python examples/train_digits_features.py --out diffsolve/models/digits_features.safetensors
+    python examples/train_digits_features.py --out runs/digits_features.safetensors
+
+(the shipped network was written with ``--out diffsolve/models/digits_features.safetensors --force``: an
+existing ``--out`` is replaced only with ``--force``).
 
 Seeded; about half a minute on one CPU core. The network (:class:`diffsolve.fid.features.DigitsCNN`) is
 trained on the training split of :func:`diffsolve.data.digits` only — the 300 held-out digits stay unseen, so
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 
 from diffsolve.data import digits
+from diffsolve.cliargs import HelpFormatter, add_force_arg, finite_float, output_file, positive_int, refuse_to_overwrite
 from diffsolve.files import atomic_write
 from diffsolve.fid.features import DigitsCNN, to_uint8
 
@@ -37,13 +41,16 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="diffsolve/models/digits_features.safetensors")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=output_file(".safetensors"), default="runs/digits_features.safetensors",
+                        help="the weights file to write")
+    add_force_arg(parser)
+    parser.add_argument("--epochs", type=positive_int, default=40, help="passes over the training digits")
+    parser.add_argument("--batch", type=positive_int, default=64, help="images per step")
+    parser.add_argument("--lr", type=finite_float, default=2e-3, help="peak learning rate (one-cycle schedule)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and augmentation")
     args = parser.parse_args()
+    refuse_to_overwrite(parser, args.out, args.force)
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)

@@ -51,7 +51,7 @@ def test_train_digits16_resumes_and_writes_a_loadable_pipeline(tmp_path):
                         "--checkpoint-every", 1, "--warmup", 1)
     assert "resumed" not in first and (workdir / "checkpoint.pt").exists()
     second = run_example("train_digits16.py", "--workdir", workdir, "--out", out, "--steps", 3, "--batch", 8,
-                         "--checkpoint-every", 1, "--warmup", 1)
+                         "--checkpoint-every", 1, "--warmup", 1, "--force")  # replaces the first run's --out
     assert "resumed from" in second and "at step 2" in second
     model = load_model(str(out))
     x = sample(model, "ddim", 2, seeds=range(2), class_labels=[1, 2])

@@ -223,7 +223,7 @@ def test_command_line_degrade_restore_256(model_dir, photo, tmp_path):
              r"--resize to center-crop and resize it to 256×256 and convert it to 3 channels"),
     ("reference size", r"--reference: expected a 3-channel 256×256 image \(the model's image size\), got a 3-channel "
                        r"300×400 image \(.*photo\.png\)"),
-    ("jpeg out", r"--out: the result is written as a PNG; expected a path ending in \.png, got .*x\.jpg"),
+    ("jpeg out", r"--out: '.*x\.jpg': expected a file name ending in \.png \(the format written\), got \.jpg"),
     ("out is input", r"--out: .*clean\.png is the --input file; choose another path"),
     ("not an image", r"--input: cannot read .*notes\.png as an image"),
 ])
@@ -282,7 +282,7 @@ def test_degrade_resize_errors(photo, tmp_path, capsys):
     out = tmp_path / "y.png"
     assert main(["degrade", "--task", "sr4", "--input", str(photo / "photo.png"), "--out", str(out),
                  "--resize", "0"]) == 2
-    assert "--resize: expected a positive image side in pixels, got 0" in capsys.readouterr().err
+    assert "--resize: expected an integer >= 1 (the image side in pixels), got '0'" in capsys.readouterr().err
     assert main(["degrade", "--task", "sr4", "--input", str(photo / "photo.png"), "--out", str(out),
                  "--resize", "250"]) == 2
     assert re.search(r"task sr4: its setting for 3×250×250 images.*divisible by 4", capsys.readouterr().err)

@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..files import atomic_write
 from .features import FeatureExtractor, file_digest, get_extractor, to_uint8
@@ -310,8 +311,9 @@ class FIDResult:
     compute_seconds: float
 
     def summary(self) -> str:
-        kid_txt = ("" if self.kid is None else
-                   f", KID {self.kid:.6g} ± {self.kid_std:.2g} ({self.kid_subsets} subsets of {self.kid_subset_size})")
+        kid_txt = ("" if self.kid is None else  # KID is O(1e-3) for close sets: printed ×10³, as papers report it
+                   f", KID×10³ {1e3 * self.kid:.4g} ± {1e3 * self.kid_std:.2g} ({self.kid_subsets} subsets of "
+                   f"{self.kid_subset_size})")
         nfe_txt = "" if self.nfe is None else f", NFE {self.nfe:g}"
         return (f"FID {self.fid:.6g}{kid_txt}; {self.count} samples{nfe_txt} vs {self.reference_count} reference "
                 f"[{self.extractor}]")
@@ -365,11 +367,13 @@ def _prepare_workdir(workdir: Path, settings: dict) -> None:
 def evaluate(source, extractor: FeatureExtractor, reference: Statistics | str | Path, workdir: str | Path, *,
              num: int, shard_size: int = 1000, batch_size: int = 250, max_shards: int | None = None,
              kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 2020,
-             log: Callable[[str], None] | None = None, reference_name: str | None = None) -> FIDResult | Incomplete:
+             log: Callable[[str], None] | None = None, reference_name: str | None = None,
+             progress: bool = False) -> FIDResult | Incomplete:
     """Compute FID (and KID) of ``num`` images from ``source`` (:class:`ModelSource` or :class:`FolderSource`)
     against ``reference`` statistics, with shards in ``workdir`` (see the module docstring). Collective under
     torchrun: every rank calls it and every rank gets the result. Returns :class:`Incomplete` when
-    ``max_shards`` (per process) stopped it before all shards were done."""
+    ``max_shards`` (per process) stopped it before all shards were done. ``progress``: a bar over this
+    process's samples still to do."""
     rank, world = _rank_world()
     log = log or (lambda msg: None)
     if isinstance(reference, (str, Path)):
@@ -405,10 +409,14 @@ def evaluate(source, extractor: FeatureExtractor, reference: Statistics | str | 
               for i, s in enumerate(range(0, num, shard_size))]
     mine = [s for s in shards if s.index % world == rank]
     error, done_here = None, 0
+    bar = None
     try:
+        bar = tqdm(total=sum(s.stop - s.start for s in mine), desc="samples" if world == 1 else f"samples, rank {rank}",
+                   unit="sample", disable=not progress, leave=False)
         for shard in mine:
             done, why = read_shard(shard, extractor.dim, settings_digest)
             if done is not None:
+                bar.update(shard.stop - shard.start)  # done by an earlier run
                 continue
             if why != "missing":
                 log(f"shard {shard.index + 1}/{len(shards)}: {why}; redoing it")
@@ -421,6 +429,7 @@ def evaluate(source, extractor: FeatureExtractor, reference: Statistics | str | 
                 images, nfe = source.images(b, min(b + batch_size, shard.stop))
                 feats.append(extractor(images).numpy())
                 nfes.append(nfe)
+                bar.update(len(images))
             seconds = time.perf_counter() - start_time
             write_shard(shard, np.concatenate(feats).astype(np.float32), np.concatenate(nfes), seconds, settings_digest)
             done_here += 1
@@ -430,6 +439,9 @@ def evaluate(source, extractor: FeatureExtractor, reference: Statistics | str | 
         if world == 1:
             raise
         error = f"{type(err).__name__}: {err}"
+    finally:
+        if bar is not None:
+            bar.close()
     _agree(error, "generating shards")
 
     result = None

@@ -30,7 +30,8 @@ def sweep(model: str, samplers: list[str], steps: list[int], *, options: dict[st
           extractor: FeatureExtractor,
           reference: Statistics, reference_name: str, workdir: str | Path, num: int, seed_start: int = 0,
           shard_size: int = 1000, batch_size: int = 250, device: str | None = None, max_shards: int | None = None,
-          kid_subsets: int = 100, kid_subset_size: int = 1000, log: Callable[[str], None] | None = None) -> list[dict]:
+          kid_subsets: int = 100, kid_subset_size: int = 1000, log: Callable[[str], None] | None = None,
+          progress: bool = False) -> list[dict]:
     """Run :func:`~diffsolve.fid.run.evaluate` for every (sampler, steps) pair, each in its own sub-workdir
     ``workdir/<sampler>-<steps>`` (so the sweep resumes too). ``options`` maps a sampler name to its options. Returns one row dict per pair; ``fid`` is None
     for a pair that ``max_shards`` left unfinished."""
@@ -55,7 +56,7 @@ def sweep(model: str, samplers: list[str], steps: list[int], *, options: dict[st
             log(f"== {name}, {s} steps")
         result = evaluate(source, extractor, reference, Path(workdir) / f"{name}-{s}", num=num, shard_size=shard_size,
                           batch_size=batch_size, max_shards=max_shards, kid_subsets=kid_subsets,
-                          kid_subset_size=kid_subset_size, log=log, reference_name=reference_name)
+                          kid_subset_size=kid_subset_size, log=log, reference_name=reference_name, progress=progress)
         shared_model = source._model if source._model is not None else shared_model
         row = {"sampler": name, "steps": s, "nfe": None, "fid": None, "kid": None, "kid_std": None,
                "seconds_per_sample": None, "count": num}
@@ -69,14 +70,14 @@ def sweep(model: str, samplers: list[str], steps: list[int], *, options: dict[st
 
 
 def markdown_table(rows: list[dict], title: str | None = None) -> str:
-    """One line per (sampler, steps): NFE, FID, KID ± its std over subsets, compute seconds per sample (generation
+    """One line per (sampler, steps): NFE, FID, KID ± its std over subsets (×10³), compute seconds per sample (generation
     and features, summed over the shards)."""
     lines = [f"**{title}**", ""] if title else []
-    lines += ["| sampler | steps | NFE | FID | KID | s / sample |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["| sampler | steps | NFE | FID | KID×10³ | s / sample |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         nfe = "–" if r["nfe"] is None else f"{r['nfe']:g}"
         fid = f"unfinished ({r.get('done', '')})" if r["fid"] is None else f"{r['fid']:.3f}"
-        kid = "–" if r["kid"] is None else f"{r['kid']:.4g} ± {r['kid_std']:.2g}"
+        kid = "–" if r["kid"] is None else f"{1e3 * r['kid']:.4g} ± {1e3 * r['kid_std']:.2g}"
         sps = "–" if r["seconds_per_sample"] is None else f"{r['seconds_per_sample']:.2e}"
         lines.append(f"| {r['sampler']} | {r['steps']} | {nfe} | {fid} | {kid} | {sps} |")
     return "\n".join(lines) + "\n"

@@ -7,13 +7,15 @@
     diffsolve restore --model ffhq256 --task gauss_blur --method dps --input blurred.png --out restored.png
 
 A task preset (:mod:`diffsolve.inverse.tasks`) fixes the operator (``--mask-seed`` draws its box position,
-random mask or motion kernel: give ``restore`` the seed ``degrade`` used; both default to 0), the noise level
-(``--sigma-y`` on the [0, 1] pixel range) and the solver's hyperparameters, for the image size (the papers'
-settings at 256×256, digits16's at 16×16); solver options given as ``--name value`` override the preset's.
-Images are read from any 8-bit file PIL reads (PNG, JPEG, …; grey or colour) and written as PNG, 8-bit on
-[−1, 1] ↔ [0, 255], so values of a noisy measurement outside [−1, 1] are clipped when it is written (as for any
-image file). An image of another size or channel count than the model's is an error that says what was
-expected; ``--resize`` center-crops and resizes it instead (``degrade --resize N``: to N×N).
+random mask or motion kernel), the noise level (``--sigma-y`` on the [0, 1] pixel range) and the solver's
+hyperparameters, for the image size (the papers' settings at 256×256, digits16's at 16×16); solver options given
+as ``--name value`` override the preset's. ``degrade`` stores the task, its seeds and σ_y in the measurement PNG's
+metadata; ``restore`` reads them back (flags it is given must agree: a measurement restored with another mask
+would silently leave the hole). Images are read from any 8-bit file PIL reads (PNG, JPEG, …; grey or colour)
+and written as PNG, 8-bit on [−1, 1] ↔ [0, 255], so values of a noisy measurement outside [−1, 1] are clipped
+when it is written (as for any image file). An image of another size or channel count than the model's is an
+error that says what was expected; ``--resize`` center-crops and resizes it instead (``degrade --resize N``: to
+N×N).
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ def _read(path, name: str):
 
 
 def _check_out(out, *inputs) -> None:
-    if Path(out).suffix.lower() != ".png":
-        raise ValueError(f"--out: the result is written as a PNG; expected a path ending in .png, got {out}")
     for name, path in inputs:
         if path is not None and Path(out).resolve() == Path(path).resolve():
             raise ValueError(f"--out: {out} is the {name} file; choose another path (inputs are never overwritten)")
@@ -72,13 +72,38 @@ def _task_and_sigma(args):
     return task, sigma01
 
 
+#: the measurement settings ``degrade`` stores in its PNG: flag → metadata key
+_MEASUREMENT_FLAGS = {"--task": "task", "--mask-seed": "mask_seed", "--sigma-y": "sigma_y"}
+
+
+def _adopt_measurement_settings(args, measured) -> None:
+    """Take the task, mask seed and σ_y ``degrade`` stored in the measurement image for flags not given; a flag
+    given with another value is an error (the operator or the likelihood would not be the measurement's)."""
+    from ..images import png_settings
+
+    stored = png_settings(measured)
+    for flag, key in _MEASUREMENT_FLAGS.items():
+        dest = flag[2:].replace("-", "_")
+        given = getattr(args, dest)
+        if key not in stored:
+            continue
+        if given is None:
+            setattr(args, dest, stored[key])
+        elif given != stored[key]:
+            raise ValueError(f"{flag} {given}: {args.input} was made by `diffsolve degrade` with {flag} {stored[key]}; "
+                             f"give {flag} {stored[key]} or leave {flag} out")
+    if args.task is None:
+        raise ValueError(f"--task: {args.input} does not say which task made it (not written by `diffsolve "
+                         "degrade`): give --task")
+    if args.mask_seed is None:
+        args.mask_seed = 0
+
+
 def _cmd_degrade(args, options, parser) -> int:
     from ..images import image_to_tensor, make_grid, save_png
     from .noise import measure
 
     task, sigma01 = _task_and_sigma(args)
-    if args.resize is not None and args.resize < 1:
-        raise ValueError(f"--resize: expected a positive image side in pixels, got {args.resize}")
     _check_out(args.out, ("--input", args.input))
     img = _read(args.input, "--input")
     size = None if args.resize is None else (args.resize, args.resize)
@@ -86,7 +111,8 @@ def _cmd_degrade(args, options, parser) -> int:
     shape = tuple(clean.shape[1:])
     op = task.operator(shape, args.mask_seed)
     y = measure(op, clean.double(), task.noise(sigma01), seed=args.seed)
-    save_png(make_grid(y.float(), per_row=1, pad=0), args.out)
+    settings = {"task": task.name, "mask_seed": args.mask_seed, "sigma_y": sigma01, "noise_seed": args.seed}
+    save_png(make_grid(y.float(), per_row=1, pad=0), args.out, settings)
     print(f"{task.name}: {_describe(shape)} -> {_describe(op.shape_out)} measurement, {task.setting(shape)}, "
           f"sigma_y = {sigma01:g} on [0, 1] (seed {args.seed}, mask seed {args.mask_seed}) -> {args.out}")
     return 0
@@ -96,16 +122,18 @@ def _cmd_restore(args, options, parser) -> int:
     from .. import load_model
     from ..images import make_grid, save_png
     from .metrics import psnr, ssim
+    from ..cliargs import parse_options
     from .registry import get_solver
     from .solve import solve
 
-    task, sigma01 = _task_and_sigma(args)
-    spec = get_solver(args.method)  # method and options are checked before anything is loaded
-    spec.check_options(options)
     _check_out(args.out, ("--input", args.input), ("--reference", args.reference))
     measured = _read(args.input, "--input")
+    _adopt_measurement_settings(args, measured)
+    task, sigma01 = _task_and_sigma(args)
+    spec = get_solver(args.method)  # method and options are checked before anything is loaded
+    options = parse_options(spec, options)
     reference = None if args.reference is None else _read(args.reference, "--reference")
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, scheduler_config=args.scheduler_config, device=args.device)
     shape = model.sample_shape
     if shape is None or len(shape) != 3:
         raise ValueError(f"--model: restore needs an image model with a known (C, H, W) sample shape, got {shape}")
@@ -140,42 +168,52 @@ def _cmd_solvers(args, options, parser) -> int:
 
 def add_commands(sub) -> None:
     """Add ``degrade``, ``restore`` and ``solvers`` to the ``diffsolve`` argument parser."""
+    from ..cliargs import add_model_args, finite_float, int_at_least, output_file
+    from .registry import list_solvers
     from .tasks import TASKS
 
-    tasks = ", ".join(TASKS)
+    tasks = f"one of {', '.join(TASKS)}"
     p = sub.add_parser("degrade", help="make a measurement of a clean image for a restore task",
                        description="Apply a task's operator and noise to a clean image (PNG, JPEG, ...; "
-                                   "[0, 255] <-> [-1, 1]) at its size, or at --resize.")
+                                   "[0, 255] <-> [-1, 1]) at its size, or at --resize; the task, seeds and σ_y are "
+                                   "stored in the measurement PNG for `diffsolve restore`. A clean digit: "
+                                   "`diffsolve digits --out clean.png`.")
     p.add_argument("--task", required=True, help=tasks)
     p.add_argument("--input", required=True, help="the clean image (PNG, JPEG, ...)")
-    p.add_argument("--out", required=True, help="the measurement PNG to write")
-    p.add_argument("--resize", type=int, default=None, metavar="N",
-                   help="center-crop the image to a square and resize it to N×N first (e.g. the model's 256)")
+    p.add_argument("--out", type=output_file(".png"), required=True, help="the measurement PNG to write")
+    p.add_argument("--resize", type=int_at_least(1, "the image side in pixels"), default=None, metavar="N",
+                   help="center-crop the image to a square and resize it to N×N first (e.g. the model's 256; "
+                        "default: keep its size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement noise")
     p.add_argument("--mask-seed", type=int, default=0, help="seed of the box position / random mask / motion kernel")
-    p.add_argument("--sigma-y", type=float, default=None,
+    p.add_argument("--sigma-y", type=finite_float, default=None,
                    help="noise std on the [0, 1] pixel range (default: the task's)")
     p.set_defaults(run=_cmd_degrade, takes_options=False)
 
     p = sub.add_parser("restore", help="restore a degraded image with DPS, DDS or DAPS",
-                       description="Solve a task's inverse problem; solver options follow as --name value "
-                                   "(see `diffsolve solvers`).")
-    p.add_argument("--model", default="digits16", help="'digits16' or a diffusers folder")
-    p.add_argument("--task", required=True, help=tasks)
-    p.add_argument("--method", default="dds", help="dps, dds, daps (= daps_1k) or daps_100")
+                       description="Solve a task's inverse problem for a measurement image; the task, mask seed and "
+                                   "σ_y default to those `diffsolve degrade` stored in it. Solver options follow as "
+                                   "--name value and override the task's preset (see `diffsolve solvers`).")
+    add_model_args(p)
+    p.add_argument("--task", default=None, help=f"{tasks} (default: the one stored in --input)")
+    p.add_argument("--method", default="dds", metavar="NAME",
+                   help=f"one of {', '.join(list_solvers())} (daps = daps_1k)")
     p.add_argument("--input", required=True, help="the measurement image (from `diffsolve degrade`)")
-    p.add_argument("--out", required=True, help="the restored PNG to write")
-    p.add_argument("--reference", default=None, help="the clean image: print PSNR and SSIM")
+    p.add_argument("--out", type=output_file(".png"), required=True, help="the restored PNG to write")
+    p.add_argument("--reference", default=None, help="the clean image: print PSNR and SSIM (default: none)")
     p.add_argument("--resize", action="store_true",
                    help="center-crop and resize --input to the measurement size of the model's images and "
                         "--reference to the model's size (converting grey/colour to the model's channels)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: the method's)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="solver steps (default: the method's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the solver's noise")
-    p.add_argument("--mask-seed", type=int, default=0, help="the --mask-seed given to degrade")
-    p.add_argument("--sigma-y", type=float, default=None, help="noise std on [0, 1] (default: the task's)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--mask-seed", type=int, default=None,
+                   help="the --mask-seed given to degrade (default: the one stored in --input, else 0)")
+    p.add_argument("--sigma-y", type=finite_float, default=None,
+                   help="noise std on [0, 1] (default: the one stored in --input, else the task's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_restore, takes_options=True)
 
-    p = sub.add_parser("solvers", help="list the inverse-problem solvers and their options")
+    p = sub.add_parser("solvers", help="list the inverse-problem solvers and their options",
+                       description="List the inverse-problem solvers with their options (and defaults) and what "
+                                   "their steps count.")
     p.set_defaults(run=_cmd_solvers, takes_options=False)

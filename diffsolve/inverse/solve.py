@@ -13,6 +13,7 @@ from ..core import Run, SeededNoise, TimeGrid, batch_seeds
 from ..model import DiffusionModel
 from .noise import PoissonNoise, as_noise
 from .operators import Operator
+from .operators.base import image_resize_hint
 from .registry import Problem, SolverSpec, get_solver
 
 Tensor = torch.Tensor
@@ -45,7 +46,8 @@ def _check_y(operator: Operator, y) -> Tensor:
                         f"{type(y).__name__}")
     if y.ndim != len(operator.shape_out) + 1 or tuple(y.shape[1:]) != tuple(operator.shape_out):
         raise ValueError(f"y: expected shape (batch, {', '.join(map(str, operator.shape_out))}) (the operator's "
-                         f"output shape {tuple(operator.shape_out)} with a batch dimension), got {tuple(y.shape)}")
+                         f"output shape {tuple(operator.shape_out)} with a batch dimension), got {tuple(y.shape)}"
+                         f"{image_resize_hint(operator.shape_out, y)}")
     if y.shape[0] < 1:
         raise ValueError("y: the batch is empty")
     if y.is_complex() != operator.complex_output:

@@ -24,9 +24,13 @@ in place of x_i for its next step; diffsolve follows the paper's equation.)
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 from ..registry import register_inversion, register_sampler
 from .ddim import ddim_transfer
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _gamma(gamma: float | None, steps: int) -> float:
@@ -43,7 +47,7 @@ def _check_pair(x, x_next):
 
 
 @register_sampler("bdia", default_grid="time_uniform")
-def bdia(run, x, *, gamma: float | None = None, x_next=None):
+def bdia(run, x, *, gamma: float | None = None, x_next: Tensor | None = None):
     """BDIA-DDIM / BDIA-EDM (Zhang et al. 2024): exactly invertible DDIM; x_next = the state at t_1 (from invert)."""
     g = run.grid
     gamma = _gamma(gamma, g.steps)
@@ -63,7 +67,7 @@ def bdia(run, x, *, gamma: float | None = None, x_next=None):
 
 
 @register_inversion("bdia")
-def bdia_invert(run, x, *, gamma: float | None = None, x_next=None):
+def bdia_invert(run, x, *, gamma: float | None = None, x_next: Tensor | None = None):
     """Exact inversion: one DDIM inversion step t_N → t_{N−1} (nothing else determines x_{N−1}: any choice
     is regenerated exactly), then the BDIA recursion backwards to the pair (x_0, x_1)."""
     g = run.grid

@@ -538,10 +538,12 @@ def compute_ems(
               "derivative": derivative,
               "data": hashlib.sha256(x0_all.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()}
     acc = {k: np.zeros((n_lambda + 1, D)) for k in _MOMENTS}
-    start_batch, start_j, elapsed = 0, 0, 0.0
+    start_batch, start_j, elapsed, method = 0, 0, 0.0, jvp
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.is_file():
-        start_batch, start_j, elapsed = _load_checkpoint(ckpt, config, acc)
+        start_batch, start_j, elapsed, saved_method = _load_checkpoint(ckpt, config, acc)
+        # the JVP method "auto" picked before the checkpoint (reported even when no batch is left to run)
+        method = saved_method if jvp == "auto" and saved_method else jvp
     labels_all = None if not conditional else y_all
     fn_labels = None
 
@@ -563,7 +565,6 @@ def compute_ems(
     t_off = [tuple(t_at(float(lam_grid[j]) + o) if o else float(t_grid[j]) for o in offsets[j])
              for j in range(n_lambda + 1)]
 
-    method = jvp
     bar = tqdm(total=(n_batches - start_batch) * (n_lambda + 1) - start_j, desc="EMS", disable=not progress,
                leave=False)
     t0 = last_save = time.perf_counter()
@@ -612,7 +613,7 @@ def compute_ems(
             if ckpt is not None and (j == n_lambda or time.perf_counter() - last_save >= _CHECKPOINT_SECONDS):
                 # position (batch, next λ index); every 30 s and at the end of each batch
                 done = (bi + 1, 0) if j == n_lambda else (bi, j + 1)
-                _save_checkpoint(ckpt, config, acc, done, elapsed + time.perf_counter() - t0)
+                _save_checkpoint(ckpt, config, acc, done, elapsed + time.perf_counter() - t0, method)
                 last_save = time.perf_counter()
     bar.close()
     elapsed += time.perf_counter() - t0
@@ -651,15 +652,16 @@ def _finish(acc: dict, n: int, lam: np.ndarray):
     return l, s, b, l_se
 
 
-def _save_checkpoint(path: Path, config: dict, acc: dict, position: tuple[int, int], elapsed: float) -> None:
+def _save_checkpoint(path: Path, config: dict, acc: dict, position: tuple[int, int], elapsed: float,
+                     jvp: str) -> None:
     from safetensors.torch import save
 
     meta = {"config": json.dumps(config, sort_keys=True), "batch": str(position[0]), "lambda_index": str(position[1]),
-            "elapsed": repr(elapsed)}
+            "elapsed": repr(elapsed), "jvp": jvp}
     atomic_write(path, lambda f: f.write(save({k: torch.from_numpy(v) for k, v in acc.items()}, metadata=meta)))
 
 
-def _load_checkpoint(path: Path, config: dict, acc: dict) -> tuple[int, int, float]:
+def _load_checkpoint(path: Path, config: dict, acc: dict) -> tuple[int, int, float, str | None]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -671,7 +673,7 @@ def _load_checkpoint(path: Path, config: dict, acc: dict) -> tuple[int, int, flo
                              "delete it or pass another checkpoint path")
         for k in acc:
             acc[k][:] = f.get_tensor(k).numpy()
-    return int(meta["batch"]), int(meta["lambda_index"]), float(meta["elapsed"])
+    return int(meta["batch"]), int(meta["lambda_index"]), float(meta["elapsed"]), meta.get("jvp")
 
 
 # ---- the sampler ------------------------------------------------------------------------------------------
