@@ -168,7 +168,7 @@ def digits16_benchmark(nfe: list[int], batch: int, ems_path: str | None, referen
     from diffsolve import load_model
     from diffsolve.core import SeededNoise
     from diffsolve.loading import SHIPPED, _scheduler_config
-    from diffsolve.samplers.dpm_solver_v3 import _resolve_ems
+    from diffsolve.samplers.dpm_solver_v3.sampler import _resolve_ems
 
     model = load_model("digits16")
     ems = _resolve_ems(ems_path, model)

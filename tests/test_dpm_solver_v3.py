@@ -17,6 +17,7 @@ from safetensors import safe_open
 from diffsolve import sample
 from diffsolve.samplers import dpm_solver_v3 as v3
 from diffsolve.samplers.dpm_solver_v3 import EMS, compute_ems, load_ems, model_fingerprint
+from diffsolve.samplers.dpm_solver_v3 import coefficients, ems as ems_module
 from diffsolve.schedules import EDM, DiscreteVP, VPCosine, VPLinear
 from diffsolve.testing import GaussianMixture
 
@@ -72,7 +73,7 @@ def test_zero_statistics_with_the_official_trapezoid_would_not_reduce():
     exact = -math.expm1(-h)  # (1 − e^{−h}) = h φ1(−h)
     trapezoid = float(np.trapezoid(np.exp(lam[i:j + 1] - lam[j]), lam[i:j + 1]))
     assert abs(trapezoid - exact) > 1e-5
-    coef = v3._Coefficients(EMS.zeros(GaussianMixture.random(2, 2, schedule).as_model(), 120),
+    coef = coefficients._Coefficients(EMS.zeros(GaussianMixture.random(2, 2, schedule).as_model(), 120),
                             np.arange(121), lam, np.ones(121), np.ones(121))
     a_x, (w,), const = coef.step(i, j, [i], False)
     assert const is None and w == pytest.approx(exact, abs=1e-15)
@@ -281,16 +282,16 @@ def test_coefficients_prepared_once_and_reused_only_for_the_same_statistics():
     and give what a fresh copy of the statistics gives (no stale coefficients)."""
     schedule = VPLinear()
     gmm, model, x_T, ems = gmm_setup(schedule, 3, 3, 43, batch=8, num_samples=128, n_lambda=60)
-    v3._PLAN_CACHE.clear()
+    coefficients._PLAN_CACHE.clear()
     built_after_step = []
     first = sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems,
-                   callback=lambda i, t, x, x0: built_after_step.append(len(v3._PLAN_CACHE)))
+                   callback=lambda i, t, x, x0: built_after_step.append(len(coefficients._PLAN_CACHE)))
     assert built_after_step == [1] * 8  # the whole plan exists after the first step: nothing is built later
     assert torch.equal(sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems), first)
-    assert len(v3._PLAN_CACHE) == 1
+    assert len(coefficients._PLAN_CACHE) == 1
     sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems, corrector=False)
     sample(model, "dpm_solver_v3", 6, x_T=x_T, ems=ems)
-    assert len(v3._PLAN_CACHE) == 3
+    assert len(coefficients._PLAN_CACHE) == 3
     ems.b += 0.05
     edited = sample(model, "dpm_solver_v3", 8, x_T=x_T, ems=ems)
     fresh = EMS(ems.t, ems.lam, ems.l.clone(), ems.s.clone(), ems.b.clone(), ems.schedule, ems.prediction,
@@ -336,7 +337,7 @@ def test_checkpoint_resumes_an_interrupted_computation(tmp_path, monkeypatch, ev
     """Interrupted in the middle of its second of three batches (the call count is measured on an uninterrupted
     run, so it follows however many network calls a λ point costs), the computation resumes from the last
     checkpoint (end of batch 1, or the last λ point with checkpoints every time) to the same statistics."""
-    monkeypatch.setattr(v3, "_CHECKPOINT_SECONDS", every)
+    monkeypatch.setattr(ems_module, "_CHECKPOINT_SECONDS", every)
     schedule = VPLinear()
     gmm = GaussianMixture.random(2, 2, schedule, seed=8)
     data = gmm.sample_x0(96, seed=1)
