@@ -2,7 +2,8 @@
 distribution error, on the Gaussian-mixture oracle and on digits16; and the cost of per-sample stepping.
 
     python benchmarks/adaptive_sde.py [--dim 2 --components 3 --num 16384 --schedules vp edm]
-                                      [--mixtures random narrow] [--skip-digits] [--skip-overhead]
+                                      [--mixtures random narrow] [--sample-sets 0 1 2 3] [--skip-digits]
+                                      [--skip-overhead]
 
 GMM part. Two mixtures (``--seed``): "random" = ``GaussianMixture.random`` (component std U[0.1, 0.5]) and
 "narrow" (the same recipe with std U[0.02, 0.1]: sharper modes, where a coarse solver's error shows), under
@@ -67,18 +68,18 @@ def make_gmm(kind: str, schedule, args) -> GaussianMixture:
                            schedule)
 
 
-def gmm_part(schedule, kind: str, args) -> None:
+def gmm_part(schedule, kind: str, sample_set: int, args):
     gmm = make_gmm(kind, schedule, args)
     model = gmm.as_model()
     t_start, t_end = schedule.default_range
     ref = gmm.x0_mean(gmm.sample_xt(args.ref, t_end, seed=args.seed + 1), t_end)
     prior = 1.0 if schedule.is_vp else t_start
-    # --sample-set k draws x_T and the per-sample noise seeds afresh (the mixture and the reference stay)
-    generator = torch.Generator().manual_seed(args.seed + 2 + 1000 * args.sample_set)
+    # sample set k draws x_T and the per-sample noise seeds afresh (the mixture and the reference stay)
+    generator = torch.Generator().manual_seed(args.seed + 2 + 1000 * sample_set)
     x_T = prior * torch.randn(args.num, args.dim, dtype=torch.float64, generator=generator)
-    seeds = range(args.sample_set * args.num, (args.sample_set + 1) * args.num)
-    print(f"\n## {schedule!r}, {kind} GMM: dim {args.dim}, {args.components} components, {args.num} samples, "
-          f"reference {args.ref} exact samples\n")
+    seeds = range(sample_set * args.num, (sample_set + 1) * args.num)
+    print(f"\n## {schedule!r}, {kind} GMM: dim {args.dim}, {args.components} components, {args.num} samples "
+          f"(sample set {sample_set}), reference {args.ref} exact samples\n")
     print("| method | NFE / sample | batched NFE | T² | floor ± noise | err | (T² − floor)/noise | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     rows = {}
@@ -106,19 +107,45 @@ def gmm_part(schedule, kind: str, args) -> None:
 
     em_name = min((f"euler_maruyama {EM_STEPS[-1]} ({grid})" for grid in grids), key=lambda k: rows[k][1].t2)
     em_nfe, em = rows[em_name]
+    ratios = {}
     for variant in variants:
         ok = [(nfe, name) for name, (nfe, m) in rows.items() if name.startswith("adaptive") and f"({variant})" in name
               and m.t2 <= em.t2 + 2 * math.sqrt(2) * m.noise]
         if ok:
             nfe, name = min(ok)
+            ratios[variant] = (em_nfe / nfe, name, nfe)
             print(f"\nNFE ratio ({variant}): {em_name} ({em_nfe} NFE, err {em.error:.4f}) vs {name} "
                   f"({nfe:.1f} NFE, err {rows[name][1].error:.4f}): {em_nfe / nfe:.1f}x")
         else:
             print(f"\nNFE ratio ({variant}): no adaptive setting reached the error of {em_name}")
     em_ok = [(nfe, name) for name, (nfe, m) in rows.items() if name.startswith("euler")
              and m.t2 <= em.t2 + 2 * math.sqrt(2) * m.noise]
-    nfe, name = min(em_ok)
-    print(f"Fewest EM steps within the same margin of {em_name}: {name} ({nfe:.0f} NFE)")
+    fewest_em_nfe, fewest_em = min(em_ok)
+    print(f"Fewest EM steps within the same margin of {em_name}: {fewest_em} ({fewest_em_nfe:.0f} NFE)")
+    return ratios, (fewest_em_nfe, fewest_em)
+
+
+def summarise_sets(results: dict) -> None:
+    """Per (schedule, mixture): the NFE ratio of the default adaptive_sde on each sample set, against EM-1000
+    and against the fewest EM steps within the same margin, and the figure that holds on every set."""
+    print("\n## NFE ratio over sample sets (adaptive_sde defaults; cheapest rtol within the margin of EM-1000)\n")
+    print("| schedule, mixture | set | adaptive setting | NFE / sample | vs EM-1000 | fewest EM within margin | "
+          "vs that EM |")
+    print("|---|---|---|---|---|---|---|")
+    for (schedule, kind), per_set in results.items():
+        vs_1000, vs_fewest = [], []
+        for k, (ratios, (em_nfe, em_name)) in per_set.items():
+            if "default" not in ratios:
+                print(f"| {schedule}, {kind} | {k} | none reached EM-1000 | – | – | {em_name} | – |")
+                continue
+            ratio, name, nfe = ratios["default"]
+            vs_1000.append(ratio)
+            vs_fewest.append(em_nfe / nfe)
+            print(f"| {schedule}, {kind} | {k} | {name} | {nfe:.1f} | {ratio:.1f}x | {em_name} | {em_nfe / nfe:.1f}x |")
+        if len(vs_1000) == len(per_set) and per_set:
+            print(f"| {schedule}, {kind} | all {len(per_set)} | **holds on every set** | – | "
+                  f"≥ {min(vs_1000):.1f}x (median {statistics.median(vs_1000):.1f}x, range {min(vs_1000):.1f}–"
+                  f"{max(vs_1000):.1f}x) | – | ≥ {min(vs_fewest):.1f}x (median {statistics.median(vs_fewest):.1f}x) |")
 
 
 def classifier_scores(x: torch.Tensor) -> tuple[float, float]:
@@ -205,7 +232,8 @@ def main() -> None:
     ap.add_argument("--components", type=int, default=3)
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--num", type=int, default=16384, help="samples per method (GMM)")
-    ap.add_argument("--sample-set", type=int, default=0, help="another draw of x_T and noise seeds (GMM)")
+    ap.add_argument("--sample-sets", type=int, nargs="+", default=[0],
+                    help="draws of x_T and noise seeds (GMM); with several, a summary over them")
     ap.add_argument("--ref", type=int, default=1_000_000, help="exact reference samples (GMM)")
     ap.add_argument("--schedules", nargs="+", default=["vp", "edm"], choices=["vp", "edm"])
     ap.add_argument("--rtols", type=float, nargs="+", default=list(RTOLS))
@@ -223,9 +251,13 @@ def main() -> None:
     args = ap.parse_args()
 
     if not args.skip_gmm:
+        results: dict = {}
         for kind in args.mixtures:
             for name in args.schedules:
-                gmm_part(VPLinear() if name == "vp" else EDM(), kind, args)
+                for sample_set in args.sample_sets:
+                    results.setdefault((name, kind), {})[sample_set] = gmm_part(
+                        VPLinear() if name == "vp" else EDM(), kind, sample_set, args)
+        summarise_sets(results)
     if not args.skip_digits:
         digits_part(args)
     if not args.skip_overhead:

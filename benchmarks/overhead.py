@@ -1,12 +1,14 @@
 """Sampler overhead: wall time of ``diffsolve.sample`` divided by (network evaluations × the time of one bare
 network call), next to the same ratio for diffusers' scheduler loop, in one run.
 
-    python benchmarks/overhead.py [--batch 64 --steps 20 --repeats 5 --device cpu]
+    python benchmarks/overhead.py [--batch 64 --steps 20 --repeats 5 --device cpu] [--only-adapter]
 
 A ratio of 1.00 means the sampler adds nothing to the network's own cost; the target is ≤ 1.05. The network
 is a tiny random UNet2DModel (the overhead is largest relative to a small network). Each figure is the
 median of ``--repeats`` runs after a warm-up. A second table times each sampler as a diffusers scheduler
-(``DiffsolveScheduler``) inside an unmodified ``DDPMPipeline`` against ``diffsolve.sample``.
+(``DiffsolveScheduler``) inside an unmodified ``DDPMPipeline`` against ``diffsolve.sample``, in ``--repeats``
+interleaved pairs: the median and the range (min–max) of the per-pair ratios, per sampler and over all of them
+(``--only-adapter`` runs that table alone).
 """
 
 from __future__ import annotations
@@ -48,41 +50,11 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(once() for _ in range(repeats))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--samplers", nargs="+", default=None, help="default: all registered fixed-grid samplers")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-
-    unet = tiny_unet().to(device)
-    config = dict(beta_schedule="linear")
-    model = DiffusionModel(unet, DiscreteVP.from_config(config))
-    x = torch.randn(args.batch, 1, 16, 16, device=device)
+def network_tables(args, device, unet, model, x, names, options, config, diffusers_loop) -> None:
+    """The first and third tables: sampler wall time over NFE × one bare call, and the sampler's own time."""
     t = torch.full((args.batch,), 500, device=device)
-
     with torch.no_grad():
         call = timed(lambda: unet(x, t), args.repeats * 4, device)
-
-    def diffusers_loop(scheduler):
-        def run():
-            scheduler.set_timesteps(args.steps, device=device)
-            y = x.clone()
-            with torch.no_grad():
-                for ts in scheduler.timesteps:
-                    y = scheduler.step(unet(y, ts).sample, ts, y).prev_sample
-        return run
-
-    import diffsolve
-
-    names = args.samplers or [n for n in diffsolve.list_samplers() if not diffsolve.get_sampler(n).adaptive]
-    # dpm_solver_v3 runs on random statistics of this network: they cost what real ones cost
-    ems_file = Path(tempfile.mkdtemp()) / "ems.safetensors"
-    random_ems(model, n_lambda=120).save(ems_file)
-    options = {name: {"ems": str(ems_file)} if name == "dpm_solver_v3" else {} for name in names}
     rows = []
     for name in names:
         model.reset_nfe()
@@ -121,6 +93,42 @@ def main() -> None:
         own = timed(lambda: sample(free, name, args.steps, x_T=x, **opts), args.repeats, device) / nfe
         print(f"| {name} | {own * 1e3:.3f} | {own / call:.3f} |")
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--samplers", nargs="+", default=None, help="default: all registered fixed-grid samplers")
+    ap.add_argument("--only-adapter", action="store_true", help="only the DiffsolveScheduler-in-a-pipeline table")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+
+    unet = tiny_unet().to(device)
+    config = dict(beta_schedule="linear")
+    model = DiffusionModel(unet, DiscreteVP.from_config(config))
+    x = torch.randn(args.batch, 1, 16, 16, device=device)
+
+    def diffusers_loop(scheduler):
+        def run():
+            scheduler.set_timesteps(args.steps, device=device)
+            y = x.clone()
+            with torch.no_grad():
+                for ts in scheduler.timesteps:
+                    y = scheduler.step(unet(y, ts).sample, ts, y).prev_sample
+        return run
+
+    import diffsolve
+
+    names = args.samplers or [n for n in diffsolve.list_samplers() if not diffsolve.get_sampler(n).adaptive]
+    # dpm_solver_v3 runs on random statistics of this network: they cost what real ones cost
+    ems_file = Path(tempfile.mkdtemp()) / "ems.safetensors"
+    random_ems(model, n_lambda=120).save(ems_file)
+    options = {name: {"ems": str(ems_file)} if name == "dpm_solver_v3" else {} for name in names}
+    if not args.only_adapter:
+        network_tables(args, device, unet, model, x, names, options, config, diffusers_loop)
+
     # diffsolve samplers as a diffusers scheduler (DiffsolveScheduler) inside an unmodified DDPMPipeline, against
     # diffsolve.sample with the same sampler, steps and noise: the cost of the hand-off to the sampler's worker
     # thread and of the pipeline's own loop (the pipeline draws x_T and post-processes to [0, 1] as well)
@@ -139,9 +147,12 @@ def main() -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter() - wall, time.process_time() - cpu
 
-    print("\n| sampler | diffsolve.sample wall (s) | in DDPMPipeline wall (s) | wall ratio pipeline / sample "
-          "| CPU-time ratio pipeline / sample |")
-    print("|---|---|---|---|---|")
+    print(f"\nDiffsolveScheduler in DDPMPipeline against diffsolve.sample, {args.repeats} interleaved pairs per sampler "
+          "(ratios pipeline / sample: median and min–max over the pairs)\n")
+    print("| sampler | diffsolve.sample wall (s) | in DDPMPipeline wall (s) | wall ratio | wall ratio range "
+          "| CPU-time ratio | CPU-time ratio range |")
+    print("|---|---|---|---|---|---|---|")
+    all_cpu, all_wall = [], []
     for name in names:
         pipe.scheduler = DiffsolveScheduler.from_config(pipe.scheduler.config, sampler=name,
                                                         sampler_options=options[name])
@@ -153,9 +164,14 @@ def main() -> None:
             fn()  # warm-up
         pairs = [[clocks(fn) for fn in runs] for _ in range(args.repeats)]  # interleaved, so that drift cancels
         in_pipe, alone = (statistics.median(p[k][0] for p in pairs) for k in (0, 1))
-        wall_ratio = statistics.median(p[0][0] / p[1][0] for p in pairs)
-        cpu_ratio = statistics.median(p[0][1] / p[1][1] for p in pairs)
-        print(f"| {name} | {alone:.4f} | {in_pipe:.4f} | {wall_ratio:.3f} | {cpu_ratio:.3f} |")
+        walls = [p[0][0] / p[1][0] for p in pairs]
+        cpus = [p[0][1] / p[1][1] for p in pairs]
+        all_wall += walls
+        all_cpu += cpus
+        print(f"| {name} | {alone:.4f} | {in_pipe:.4f} | {statistics.median(walls):.3f} | {min(walls):.3f}–"
+              f"{max(walls):.3f} | {statistics.median(cpus):.3f} | {min(cpus):.3f}–{max(cpus):.3f} |", flush=True)
+    print(f"| **all samplers, all pairs** | | | {statistics.median(all_wall):.3f} | {min(all_wall):.3f}–{max(all_wall):.3f} "
+          f"| {statistics.median(all_cpu):.3f} | {min(all_cpu):.3f}–{max(all_cpu):.3f} |")
 
 
 if __name__ == "__main__":

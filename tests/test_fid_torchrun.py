@@ -31,29 +31,36 @@ def outcome(workdir):
     return res, feats
 
 
-def test_two_gloo_processes_match_one(setup):
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """The single-process run both comparisons need: (stdout, (result, shard features))."""
     model, ref, root = setup
-    rc1, out1, err1 = run_module(args(model, ref, root / "one"))
-    assert rc1 == 0, err1
+    rc, out, err = run_module(args(model, ref, root / "one"))
+    assert rc == 0, err
+    return out, outcome(root / "one")
+
+
+def test_two_gloo_processes_match_one(setup, one_process):
+    model, ref, root = setup
+    out1, (res1, f1) = one_process
     rc2, out2, err2 = run_module(args(model, ref, root / "two"), torchrun=2, timeout=180)
     assert rc2 == 0, err2
     print(out1.strip(), "|", out2.strip())
     assert "[rank 1] shard" in err2 and "[rank 0] shard" in err2  # both ranks did work
     assert out2.count("FID ") == 1  # only rank 0 reports
-    (res1, f1), (res2, f2) = outcome(root / "one"), outcome(root / "two")
+    res2, f2 = outcome(root / "two")
     assert res2["fid"] == res1["fid"] and res2["kid"] == res1["kid"] and res2["count"] == 40
     assert f1.keys() == f2.keys() and all(np.array_equal(f1[k], f2[k]) for k in f1)
 
 
-def test_two_processes_stopped_one_process_finishes(setup):
+def test_two_processes_stopped_one_process_finishes(setup, one_process):
     model, ref, root = setup
     workdir = root / "mixed"
     rc, out, err = run_module(args(model, ref, workdir, "--max-shards", "1"), torchrun=2, timeout=180)
     assert rc != 0 and "2 of 5 shards done" in out, (rc, out, err)  # torchrun reports rank 0's exit status 3
     assert len(list((workdir / "shards").glob("*.npz"))) == 2
     assert main(["fid", *args(model, ref, workdir, "--quiet")]) == 0
-    if (root / "one" / "result.json").exists():
-        assert outcome(workdir)[0]["fid"] == outcome(root / "one")[0]["fid"]
+    assert outcome(workdir)[0]["fid"] == one_process[1][0]["fid"]
 
 
 def test_an_error_ends_every_rank(setup, tmp_path):

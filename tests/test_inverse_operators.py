@@ -329,7 +329,13 @@ def test_operator_input_checks():
 
 
 def test_deepinv_wrapper_is_optional(monkeypatch):
-    """Without deepinv: a clear ImportError. With a deepinv-like module: the physics is wrapped."""
+    """Without deepinv: a clear ImportError. With a deepinv-like module: the physics is wrapped.
+
+    The module here is a stand-in with deepinv's ``physics.Physics``/``LinearPhysics`` interface (A, A_adjoint,
+    A_dagger): the real deepinv 0.5 imports torchvision, whose wheels do not load beside this CPU torch build, so
+    it cannot run in this suite. What the stand-in checks is the wrapping (isinstance dispatch, shapes,
+    adjointness, dtypes), not deepinv's operators; those were compared with diffsolve's in a separate
+    environment (README, "deepinv")."""
     monkeypatch.setitem(sys.modules, "deepinv", None)
     with pytest.raises(ImportError, match=r"pip install 'diffsolve\[deepinv\]'"):
         DeepInvPhysics(object(), shape=(1, 4, 4))
@@ -358,3 +364,39 @@ def test_deepinv_wrapper_is_optional(monkeypatch):
     assert torch.allclose(batch_dot(op.A(x), y), batch_dot(x, op.A_adjoint(y)))
     with pytest.raises(TypeError, match="deepinv.physics.Physics"):
         DeepInvPhysics(object(), shape=(1, 4, 4))
+
+
+def test_deepinv_physics_with_float32_buffers_takes_float64_input(monkeypatch):
+    """deepinv physics are modules whose masks and kernels are float32 buffers, and their products refuse float64
+    input; the wrapper computes in the physics' precision and returns the input's, like diffsolve's operators."""
+
+    class Physics(torch.nn.Module):
+        pass
+
+    class LinearPhysics(Physics):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("matrix", torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+
+        def A(self, x):
+            return x @ self.matrix.T
+
+        def A_adjoint(self, y):
+            return y @ self.matrix
+
+        def A_dagger(self, y):
+            return y @ torch.linalg.pinv(self.matrix).T
+
+    fake = types.ModuleType("deepinv")
+    fake.physics = types.SimpleNamespace(Physics=Physics, LinearPhysics=LinearPhysics)
+    monkeypatch.setitem(sys.modules, "deepinv", fake)
+    physics = LinearPhysics()
+    x, y = rand((2, 4)), rand((2, 3))
+    with pytest.raises(RuntimeError):
+        physics.A(x)  # what a bare deepinv physics does with float64 input
+    op = DeepInvPhysics(physics, shape=(4,))
+    matrix = physics.matrix.double()
+    for out, ref in [(op.A(x), x @ matrix.T), (op.A_adjoint(y), y @ matrix), (op.A_pinv(y), y @ torch.linalg.pinv(matrix).T)]:
+        assert out.dtype == torch.float64 and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert op.A(x.float()).dtype == torch.float32
+    assert torch.allclose(batch_dot(op.A(x), y), batch_dot(x, op.A_adjoint(y)), rtol=1e-5)

@@ -170,6 +170,71 @@ def test_poisson_measurements_are_accepted_and_weighted(gmm):
         assert out.shape == x.shape and bool(torch.isfinite(out).all())
 
 
+def _poisson_case(gmm):
+    """A 5×6 matrix measurement with few photons (rate 20: per-element variances differ by > 10×), and the last
+    state of a run: (operator, y, noise, weights, x at t_{N−1}, t_{N−1})."""
+    A = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) / 6**0.5
+    op = MatrixOperator(A)
+    noise = PoissonNoise(20.0)
+    y = measure(op, gmm.sample_x0(4, seed=2).clamp(-1, 1), noise, seed=3)
+    # the likelihood's Gaussian approximation (PoissonNoise's docstring), written out: var_i = (high − low)
+    # (y_i − low)/rate floored at one count, relative to σ_y² = their mean (over the batch, as Problem.sigma_y)
+    var = (2.0 * (y + 1.0) / 20.0).clamp_min(4.0 / 400.0)
+    weights = var.mean() / var
+    assert float(weights.max() / weights.min()) > 10
+    return op, A, y, noise, weights
+
+
+def _last_state(model, op, y, noise, method, steps, **options):
+    states = {}
+    out = solve(model, op, y, method, noise=noise, steps=steps,
+                callback=lambda i, t, x, x0: states.update({i: (t, x.detach().clone())}), **options)
+    t_last, x_last = states[steps - 2]
+    return out, t_last, x_last
+
+
+def test_dds_solves_the_poisson_weighted_normal_equations(gmm):
+    """DDS's last step returns the data-consistent x̂0*; with as many CG steps as unknowns that is the exact
+    solution of the weighted system (I + γ Aᵀ W A) x = x̂0 + γ Aᵀ W y, W the Poisson inverse-variance weights
+    relative to σ_y² and γ = r²/σ_y² (r² = s²/(1 + s²), s = σ/α at the last model time), here solved with
+    torch.linalg.solve from x̂0 of the oracle; the unweighted system's solution is far from it."""
+    model = gmm.as_model()
+    op, A, y, noise, weights = _poisson_case(gmm)
+    out, t, x = _last_state(model, op, y, noise, "dds", 6, cg_steps=6)
+    schedule = model.schedule
+    alpha, sigma = (float(c(torch.tensor(t, dtype=torch.float64))) for c in (schedule.alpha, schedule.sigma))
+    x0 = gmm.x0_mean(x, t)
+    sigma_y2 = float((2.0 * (y + 1.0) / 20.0).clamp_min(4.0 / 400.0).mean())
+    gamma = (sigma / alpha) ** 2 / (1 + (sigma / alpha) ** 2) / sigma_y2
+
+    def exact(w):
+        lhs = torch.eye(6, dtype=torch.float64) + gamma * A.T @ (w[:, :, None] * A)
+        return torch.linalg.solve(lhs, x0 + gamma * ((w * y) @ A))
+
+    weighted, unweighted = exact(weights), exact(torch.ones_like(weights))
+    assert (out - weighted).abs().max() <= 1e-8 * weighted.abs().max()
+    assert (out - unweighted).abs().max() >= 1e-2 * weighted.abs().max()
+
+
+def test_dps_steps_along_the_poisson_whitened_residual(gmm):
+    """DPS's last step (onto t = 0, no noise) is x̂0(x) − ζ ∇_x ‖W^{1/2}(y − A x̂0(x))‖ per sample, W the Poisson
+    weights; recomputed here with autograd through the oracle's x̂0, and far from the unweighted step."""
+    model = gmm.as_model()
+    op, A, y, noise, weights = _poisson_case(gmm)
+    zeta = 0.3
+    out, t, x = _last_state(model, op, y, noise, "dps", 6, zeta=zeta)
+
+    def step(w):
+        xg = x.clone().requires_grad_(True)
+        x0 = gmm.x0_mean(xg, t)
+        norms = ((w * (y - x0 @ A.T) ** 2).sum(1)).sqrt()
+        return x0.detach() - zeta * torch.autograd.grad(norms.sum(), xg)[0]
+
+    weighted, unweighted = step(weights), step(torch.ones_like(weights))
+    assert (out - weighted).abs().max() <= 1e-8 * weighted.abs().max()
+    assert (out - unweighted).abs().max() >= 1e-3 * weighted.abs().max()
+
+
 def test_non_finite_chain_raises(gmm):
     """A diverging run names its first bad step instead of returning zeros (the official DAPS code's choice)."""
     model = gmm.as_model()

@@ -188,9 +188,10 @@ def _png_files(folder: Path) -> list[Path]:
 
 class FolderSource:
     """The PNGs of a folder in name order; all must have one size. Grey images stay one channel unless the
-    folder also holds colour ones (then all are read as RGB)."""
+    folder also holds colour ones (then all are read as RGB). Images are read on the host; the feature
+    extractor moves them to its device (so there is no ``device`` argument)."""
 
-    def __init__(self, folder: str | Path, device: str | None = None):
+    def __init__(self, folder: str | Path):
         from PIL import Image
 
         self.folder = Path(folder).resolve()
