@@ -41,12 +41,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+import torch
+
 from .noise import GaussianNoise
-from .operators import Blur, Denoising, Inpainting, Operator, SuperResolution
+from .operators import CT, MRI, Blur, Denoising, Inpainting, Operator, PhaseRetrieval, SuperResolution
 
 DAPS_TAU = 0.01 / math.sqrt(2)  # the official τ = 0.01 in our ½‖·‖²/τ² convention
 #: the DPS step relative to the paper's (see the module docstring)
 _DPS_SCALE = 0.5
+#: CT's number of projection angles at any image size: few enough that A has a large null space
+CT_ANGLES = 4
 
 
 def sigma_from_pixels(sigma01: float) -> float:
@@ -64,9 +69,30 @@ class Task:
     sigma01: float
     #: per solver family ("dps", "dds", "daps") the options the preset sets
     options: dict = field(default_factory=dict)
+    #: per solver name the step count the preset sets (others run their solver's default)
+    steps: dict = field(default_factory=dict)
+    #: ``ambiguities(x) -> [x, T1(x), …]``: the transforms of x that give the same measurement (phase
+    #: retrieval's 180° rotation and shifts); restorations are scored against the closest one
+    ambiguities: Callable[[torch.Tensor], list] | None = None
+    #: whether y is an image of the sample's grid (shown and written as a PNG), not k-space, a sinogram or
+    #: Fourier magnitudes
+    image_measurement: bool = True
 
     def operator(self, shape=(1, 16, 16), seed: int = 0) -> Operator:
         return self.make(tuple(shape), int(seed))
+
+    def solver_steps(self, method: str) -> int | None:
+        return self.steps.get(method)
+
+    def align(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """x, each sample replaced by its version among ``ambiguities`` closest to the reference (x itself for
+        tasks without ambiguities): what PSNR, SSIM and the classifier see."""
+        if self.ambiguities is None:
+            return x
+        candidates = torch.stack([c.to(reference.dtype) for c in self.ambiguities(x)])  # (T, B, …)
+        err = (candidates - reference).pow(2).flatten(2).mean(2)  # (T, B)
+        best = err.argmin(0)
+        return candidates[best, torch.arange(x.shape[0])]
 
     def noise(self, sigma01: float | None = None) -> GaussianNoise:
         return GaussianNoise(sigma_from_pixels(self.sigma01 if sigma01 is None else sigma01))
@@ -78,6 +104,29 @@ class Task:
 
 def _blur_size(shape) -> int:
     return 2 * max(1, round(shape[-1] * 4 / 16)) + 1  # 9 at 16²
+
+
+def mri_mask(shape, acceleration: int = 4, center_fraction: float = 0.08, seed: int = 0) -> torch.Tensor:
+    """A Cartesian k-space mask (H, W) of exactly round(W/acceleration) phase-encoding lines (columns): the
+    centre max(1, round(center_fraction·W)) plus lines drawn without replacement from ``seed``. Unlike
+    ``MRI.cartesian_mask`` (each line kept with a probability, fastMRI's RandomMaskFunc), the acceleration
+    is exact, which matters at 16 lines (that mask keeps 3–6 of 16 for seeds 0–3)."""
+    h, w = shape[-2:]
+    center = max(1, round(center_fraction * w))
+    start = (w - center + 1) // 2
+    cols = np.zeros(w, dtype=bool)
+    cols[start:start + center] = True
+    rest = np.flatnonzero(~cols)
+    cols[np.random.default_rng(seed).choice(rest, max(round(w / acceleration) - center, 0), replace=False)] = True
+    return torch.from_numpy(np.broadcast_to(cols, (h, w)).astype(np.float64).copy())
+
+
+def _rotations_and_shifts(x: torch.Tensor) -> list:
+    """x and its 180° rotation, each also shifted by one pixel left and right (cyclically in the frame). The
+    rotation leaves Fourier magnitudes unchanged for any image; a shift does when the column it moves out is
+    background (u = 0), as for 88–99 % of the digits (their first and last columns are blank after the 8 → 16
+    upsampling); vertical shifts almost never do."""
+    return [v.roll(s, -1) for v in (x, x.flip(-2, -1)) for s in (0, -1, 1)]
 
 
 TASKS: dict[str, Task] = {
@@ -101,6 +150,21 @@ TASKS: dict[str, Task] = {
         Task("denoise", "denoising, σ_y = 0.2 on [0, 1]",
              lambda shape, seed: Denoising(shape),
              0.2, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"tau": None, "lr": None}}),
+        Task("mri4", "single-coil Cartesian MRI of the (real) image, 4× acceleration: W/4 k-space lines, the "
+             "centre 8 % (at least one) plus seeded random ones; complex k-space with noise σ_y on each part",
+             lambda shape, seed: MRI(mri_mask(shape, 4, 0.08, seed), complex_input=False),
+             0.025, {"dps": {"zeta": 0.3}, "dds": {"eta": 0.5}, "daps": {"lr": None, "tau": DAPS_TAU}},
+             image_measurement=False),
+        Task("ct", f"sparse-view parallel-beam CT: {CT_ANGLES} angles in [0, π) × ⌈√2·W⌉ detector bins "
+             "(92 ray sums for 256 pixels at 16²), noise σ_y per ray sum",
+             lambda shape, seed: CT(CT_ANGLES, shape[-1]),
+             0.025, {"dps": {"zeta": 0.01}, "dds": {"eta": 1.0}, "daps": {"lr": None, "tau": DAPS_TAU, "sigma_min": 0.01}},
+             image_measurement=False),
+        Task("phase_retrieval", "Fourier phase retrieval, oversampling 2: |F(pad((x + 1)/2))|, the papers' "
+             "mapping to [0, 1]; scored up to the 180° rotation and 1-px horizontal shifts",
+             lambda shape, seed: PhaseRetrieval(2.0, shape=shape),
+             0.025, {"dps": {"zeta": 1.0}, "daps": {"lr": 5e-5, "tau": DAPS_TAU, "sigma_min": 0.01}},
+             ambiguities=_rotations_and_shifts, image_measurement=False),
     ]
 }
 
