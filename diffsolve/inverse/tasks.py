@@ -134,10 +134,10 @@ TASKS: dict[str, Task] = {
         Task("inpaint_box", "box inpainting: an (H/2)×(W/2) hole at a seeded position, margin H/16 (the papers' "
              "128² hole in 256², margin 16)",
              lambda shape, seed: Inpainting.box(shape, shape[-1] // 2, margin=max(1, shape[-1] // 16), seed=seed),
-             0.025, {"dps": {"zeta": 0.5 * _DPS_SCALE}, "dds": {"eta": 0.5}, "daps": {"lr": 5e-5, "tau": DAPS_TAU}}),
+             0.025, {"dps": {"zeta": 0.5 * _DPS_SCALE}, "dds": {"eta": 0.5}, "daps": {"lr": 5e-5, "tau": DAPS_TAU, "sigma_min": 0.01}}),
         Task("inpaint_random", "random inpainting: 70 % of the pixels missing (seeded)",
              lambda shape, seed: Inpainting.random(shape, 0.7, seed=seed),
-             0.025, {"dps": {"zeta": 0.5 * _DPS_SCALE}, "dds": {"eta": 0.5}, "daps": {"lr": 1e-4, "tau": DAPS_TAU}}),
+             0.025, {"dps": {"zeta": 0.5 * _DPS_SCALE}, "dds": {"eta": 0.5}, "daps": {"lr": 1e-4, "tau": DAPS_TAU, "sigma_min": 0.01}}),
         Task("sr4", "×4 super-resolution, antialiased bicubic",
              lambda shape, seed: SuperResolution(4, "bicubic", shape=shape),
              0.025, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "daps": {"lr": 1e-4, "tau": DAPS_TAU}}),
@@ -149,7 +149,7 @@ TASKS: dict[str, Task] = {
              0.025, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"lr": 5e-5, "tau": DAPS_TAU}}),
         Task("denoise", "denoising, σ_y = 0.2 on [0, 1]",
              lambda shape, seed: Denoising(shape),
-             0.2, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"tau": None, "lr": None}}),
+             0.2, {"dps": {"zeta": 0.3 * _DPS_SCALE}, "dds": {"eta": 1.0}, "daps": {"tau": None, "lr": None, "sigma_min": 0.01}}),
         Task("mri4", "single-coil Cartesian MRI of the (real) image, 4× acceleration: W/4 k-space lines, the "
              "centre 8 % (at least one) plus seeded random ones; complex k-space with noise σ_y on each part",
              lambda shape, seed: MRI(mri_mask(shape, 4, 0.08, seed), complex_input=False),
