@@ -116,14 +116,16 @@ def label(row) -> str:
 
 
 def print_table(rows) -> None:
-    print("| task | method | PSNR, 1 sample (dB) | PSNR, mean of K (dB) | spread | class acc. | SSIM | NFE | "
+    print("| task | method | K | PSNR, 1 sample (dB) | PSNR, mean of K (dB) | spread | class acc. | SSIM | NFE | "
           "CPU time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        k = r.get("samples", 1)
         p, pm = mean_se(r["psnr"]), mean_se(r["psnr_mean"])
-        print(f"| {r['task']} | {label(r)} | {p[0]:.2f} ± {p[1]:.2f} | {pm[0]:.2f} ± {pm[1]:.2f} | "
-              f"{mean_se(r['spread'])[0]:.3f} | {mean_se(r['class_acc'])[0]:.2f} | {mean_se(r['ssim'])[0]:.3f} | "
-              f"{r['nfe']} | {r['cpu']:.2f} |")
+        mean_k = f"{pm[0]:.2f} ± {pm[1]:.2f}" if k > 1 else "—"
+        spread_k = f"{mean_se(r['spread'])[0]:.3f}" if k > 1 else "—"
+        print(f"| {r['task']} | {label(r)} | {k} | {p[0]:.2f} ± {p[1]:.2f} | {mean_k} | {spread_k} | "
+              f"{mean_se(r['class_acc'])[0]:.2f} | {mean_se(r['ssim'])[0]:.3f} | {r['nfe']} | {r['cpu']:.2f} |")
 
 
 def print_dds_table(rows) -> None:
@@ -137,11 +139,13 @@ def print_dds_table(rows) -> None:
             continue
         for r in sorted(dds, key=lambda r: r["steps"] != r.get("preset_steps")):
             d = mean_se(torch.tensor(r["psnr"]) - torch.tensor(dps["psnr"]))
-            dm = mean_se(torch.tensor(r["psnr_mean"]) - torch.tensor(dps["psnr_mean"]))
+            same_k = r.get("samples", 1) == dps.get("samples", 1) > 1
+            dm = mean_se(torch.tensor(r["psnr_mean"]) - torch.tensor(dps["psnr_mean"])) if same_k else None
             ratio = dps["cpu"] / r["cpu"]
             verdict = "holds" if d[0] >= TARGET_DB and ratio >= TARGET_RATIO else "fails"
             print(f"| {name} | {label(r)}{' (preset)' if r['steps'] == r.get('preset_steps') else ''} | "
-                  f"{d[0]:+.2f} ± {d[1]:.2f} | {dm[0]:+.2f} ± {dm[1]:.2f} | {ratio:.0f}× | {verdict} |")
+                  f"{d[0]:+.2f} ± {d[1]:.2f} | {f'{dm[0]:+.2f} ± {dm[1]:.2f}' if dm else '—'} | {ratio:.0f}× | "
+                  f"{verdict} |")
 
 
 def main() -> None:
@@ -158,7 +162,13 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.table:
-        rows = [r for path in args.table for r in json.load(open(path))]
+        # the preset's DDS step count from tasks.py, so runs made with every count before it was chosen tabulate
+        rows = [{**r, "preset_steps": get_task(r["task"]).solver_steps("dds") or DDS_DEFAULT_STEPS}
+                for path in args.table for r in json.load(open(path))]
+        # a task's methods may come from runs with different K: keep one copy of its yardsticks
+        seen = set()
+        rows = [r for r in rows if r["method"] not in ("pinv", "prior")
+                or not ((r["task"], r["method"]) in seen or seen.add((r["task"], r["method"])))]
         print_table(rows)
         print()
         print_dds_table(rows)
@@ -174,7 +184,7 @@ def main() -> None:
         preset = get_task(name).solver_steps("dds") or DDS_DEFAULT_STEPS
         for r in run_task(model, name, clean, labels, args.methods, args.samples, args.dds_steps, args.device):
             r = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in r.items()}
-            rows.append({**r, "preset_steps": preset})
+            rows.append({**r, "preset_steps": preset, "samples": 1 if r["method"] == "pinv" else args.samples})
             print_table(rows[-1:])
             print(flush=True)
     print_table(rows)
