@@ -103,3 +103,36 @@ def test_solvers_lists_methods(capsys):
     for name in ("dps", "dds", "daps", "daps_100"):
         assert re.search(rf"^{name}\s", out, re.M)
     assert "zeta=1.0" in out and "cg_steps=5" in out and "langevin_steps=100" in out
+
+
+def test_phase_retrieval_round_trip_through_npy(model_dir, clean_png, tmp_path, capsys):
+    """Fourier magnitudes are not an image: degrade writes them unclipped as .npy and restore reads them."""
+    degraded, restored = tmp_path / "y.npy", tmp_path / "x.png"
+    assert main(["degrade", "--task", "phase_retrieval", "--input", str(clean_png), "--out", str(degraded)]) == 0
+    y = np.load(degraded)
+    assert y.shape == (3, 12, 12) and y.dtype == np.float64 and float(y.max()) > 1.0  # a PNG would clip these
+    assert main(["restore", "--model", str(model_dir), "--task", "phase_retrieval", "--method", "daps_100",
+                 "--input", str(degraded), "--out", str(restored), "--reference", str(clean_png), "--steps", "2",
+                 "--quiet"]) == 0
+    assert png(restored).shape == (8, 8, 3)
+    assert "PSNR (up to the measurement's ambiguities)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task,out,message", [
+    ("phase_retrieval", "y.png", r"--out: the phase_retrieval measurement is not an image .* expected a \.npy file"),
+    ("sr4", "y.npy", r"--out: the sr4 measurement is an image: expected a \.png file"),
+])
+def test_degrade_refuses_the_wrong_file_kind(clean_png, tmp_path, capsys, task, out, message):
+    assert main(["degrade", "--task", task, "--input", str(clean_png), "--out", str(tmp_path / out)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / out).exists()
+
+
+def test_restore_checks_the_npy_measurement(model_dir, tmp_path, capsys):
+    wrong = tmp_path / "y.npy"
+    np.save(wrong, np.zeros((3, 8, 8)))
+    code = main(["restore", "--model", str(model_dir), "--task", "phase_retrieval", "--method", "daps_100",
+                 "--input", str(wrong), "--out", str(tmp_path / "x.png"), "--steps", "2", "--quiet"])
+    assert code == 2
+    assert re.search(r"--input: expected a real array of shape \(3, 12, 12\) .* got a float64 array of shape "
+                     r"\(3, 8, 8\)", capsys.readouterr().err)

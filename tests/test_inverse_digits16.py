@@ -1,39 +1,31 @@
 """End to end on the shipped digits16 model and held-out test digits, every ``diffsolve restore`` task with
-its preset: each method beats the measurement's own pseudo-inverse in PSNR, and DDS against DPS.
+its preset and every solver as benchmarked (``benchmarks/inverse.py``: DPS at its 1000 steps, DDS at the
+task's preset step count, DAPS-100), on the benchmark's first 8 digits with its measurement seeds
+(1000 + k) and solver seeds (k), so these are that benchmark's first 8 one-sample restorations exactly (every
+sample depends only on its own seeds). Phase retrieval is scored up to its ambiguities (``Task.align``).
 
-Bounded for CI (about a minute on one core): the first 4 held-out digits with the measurement seeds of
-``benchmarks/inverse.py`` (1000 + k), so DDS and DAPS-100 reproduce that benchmark's first 4 digits exactly
-(every sample depends only on its own seeds); DPS with 250 of its 1000 ancestral steps and 4× the preset's
-ζ (the same total likelihood push ζ·steps; the presets were tuned this way on training digits). The
-benchmark runs the full settings on 32 digits (``benchmarks/RESULTS.md``).
+Two yardsticks a solver must beat, so that one that ignores y cannot pass:
 
-DDS vs DPS. The issue asks for "DDS at least as good as DPS in PSNR". Measured on 32 held-out digits against
-the full 1000-step DPS (``benchmarks/RESULTS.md``, DDS − DPS ± its standard error): it holds on ×4 SR
-(−0.01 ± 0.59 dB: a tie), Gaussian blur (+0.87 ± 0.28) and motion blur (+0.06 ± 0.36), and fails on
+- the measurement's own pseudo-inverse A⁺y (a solver ignoring y can beat it: DDS with γ = 0 scored 11.2 dB
+  against the pseudo-inverse's 9.8 dB on random inpainting);
+- the model's unconditional samples with the same seeds (DDIM, 50 steps), i.e. what ignoring y gives:
+  every method must be at least ``PRIOR_MARGIN_DB`` above them on average.
 
-- inpainting (box −4.17 ± 0.89, random −3.46 ± 0.55 dB), for a structural reason: for a mask AᴴA is a
-  projector, so DDS's data-consistency step (CG in the Krylov space around x̂0) converges in one step to
-  replacing the observed pixels by y and never moves a missing pixel; the missing pixels learn about y only
-  through the next denoiser call on the re-noised image. That is the "replacement" scheme whose
-  disharmony at the hole's border DPS's gradient through the denoiser's Jacobian (MCG, Chung et al. 2022)
-  was introduced to fix; DDS's tangent-space (Krylov) assumption is what a hard mask breaks, and its paper
-  evaluates MRI and CT;
-- denoising (−0.84 ± 0.33 dB): measured, not explained; neither the likelihood weight (γ = 0.25–2 × the
-  noise-matched γ_t), η (0.5–1) nor 30–100 steps closes it (``benchmarks/RESULTS.md``).
+DDS against DPS (issue 15's "home ground"): on the tasks where the benchmark (32 digits, benchmarks/RESULTS.md)
+finds DDS within 0.3 dB of DPS, the test asserts the mean difference DDS − DPS over these 8 digits is at
+least −``DDS_MARGIN_DB``: a stated margin, not a multiple of a standard error. On the tasks where DPS is ahead
+in the benchmark (inpainting, denoising, and, against the DDS paper's claim, MRI at this size), it
+asserts that order (``DPS_AHEAD``), so a change that closes or reverses a gap shows up. Why DDS trails
+there: diffsolve/inverse/dds.py and README ("Inverse problems on the papers' home ground").
 
-So ``test_dds_is_not_worse_than_dps`` asserts, on the other tasks, that DDS is not significantly worse: the
-mean per-digit PSNR difference DDS − DPS is ≥ −2 standard errors of that paired difference (a one-sided test,
-no margin in dB; with 4 digits it cannot tell a tie from a small win, the benchmark can), and
-``test_dps_beats_dds_where_documented`` asserts the exceptions the other way, so that a change in either
-solver that closes a gap shows up.
+Slow (about 30 s per task on one core: DPS's 1000 steps with back-propagation on 8 digits).
 """
 
-import math
 from functools import lru_cache
 
 import pytest
 
-from diffsolve import load_model, solve
+from diffsolve import load_model, sample, solve
 from diffsolve.data import digits
 from diffsolve.inverse import measure, psnr
 from diffsolve.inverse.tasks import TASKS, get_task
@@ -42,30 +34,39 @@ from diffsolve.loading import SHIPPED
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not SHIPPED["digits16"].exists(), reason="the digits16 model is not trained yet")]
 
-NUM = 4
-DPS_STEPS = 250
-METHODS = ("dds", "dps", "daps_100")
-#: where DPS beats DDS (see the module docstring)
-DPS_AHEAD = ("inpaint_box", "inpaint_random", "denoise")
+NUM = 8
+METHODS = ("dps", "dds", "daps_100")
+PRIOR_STEPS = 50
+#: every method's mean PSNR exceeds that of unconditional samples by at least this
+PRIOR_MARGIN_DB = 3.0
+#: DDS's mean PSNR is at most this far below DPS's on DDS_HOME
+DDS_MARGIN_DB = 0.5
+#: where the benchmark finds DDS within 0.3 dB of DPS (see the module docstring)
+DDS_HOME = ("sr4", "gauss_blur", "motion_blur", "ct")
+#: where DPS is ahead of DDS in the benchmark (MRI too, on training and held-out digits alike)
+DPS_AHEAD = ("inpaint_box", "inpaint_random", "denoise", "mri4")
 
 
 @lru_cache(maxsize=None)
 def scores(name: str) -> dict:
-    """Per-digit PSNR (dB) of the pseudo-inverse and of each method on one task, computed once."""
+    """Per-digit PSNR (dB) of the pseudo-inverse, of unconditional samples and of each method on one task."""
     model = load_model("digits16")
     clean = digits("test")[0][:NUM]
     task = get_task(name)
     op = task.operator(model.sample_shape, seed=0)
     noise = task.noise()
-    y = measure(op, clean.double(), noise, seed=1000).float()
-    out = {"pinv": psnr(op.A_pinv(y), clean)}
+    y = measure(op, clean.double(), noise, seed=1000)
+
+    def score(x):
+        return psnr(task.align(x.to(clean.dtype), clean), clean)
+
+    out = {"pinv": score(op.A_pinv(y)), "prior": score(sample(model, "ddim", PRIOR_STEPS, seeds=range(NUM)))}
     for method in METHODS:
-        opts = task.solver_options(method)
-        steps = None
-        if method == "dps":
-            steps, opts["zeta"] = DPS_STEPS, opts["zeta"] * 1000 / DPS_STEPS
-        x = solve(model, op, y, method, noise=noise, steps=steps, seeds=range(NUM), **opts)
-        out[method] = psnr(x, clean)
+        if method == "dds" and not op.linear:
+            continue
+        x = solve(model, op, y, method, noise=noise, steps=task.solver_steps(method), seeds=range(NUM),
+                  **task.solver_options(method))
+        out[method] = score(x)
     return out
 
 
@@ -74,18 +75,31 @@ def summary(s: dict) -> str:
 
 
 @pytest.mark.parametrize("name", list(TASKS))
-def test_every_method_beats_the_pseudo_inverse(name):
+def test_every_method_beats_the_pseudo_inverse_and_the_prior(name):
     s = scores(name)
     for method in METHODS:
-        assert float(s[method].mean()) > float(s["pinv"].mean()), f"{name}: {method} ({summary(s)} dB)"
+        if method not in s:
+            continue
+        mean = float(s[method].mean())
+        assert mean > float(s["pinv"].mean()), f"{name}: {method} below the pseudo-inverse ({summary(s)} dB)"
+        assert mean >= float(s["prior"].mean()) + PRIOR_MARGIN_DB, \
+            f"{name}: {method} within {PRIOR_MARGIN_DB} dB of unconditional samples ({summary(s)} dB)"
 
 
-@pytest.mark.parametrize("name", [n for n in TASKS if n not in DPS_AHEAD])
-def test_dds_is_not_worse_than_dps(name):
+def test_dds_refuses_a_nonlinear_task():
+    model = load_model("digits16")
+    task = get_task("phase_retrieval")
+    op = task.operator(model.sample_shape)
+    y = measure(op, digits("test")[0][:1].double(), task.noise(), seed=1000)
+    with pytest.raises(ValueError, match="solver 'dds' needs a linear operator; PhaseRetrieval is nonlinear"):
+        solve(model, op, y, "dds", noise=task.noise())
+
+
+@pytest.mark.parametrize("name", DDS_HOME)
+def test_dds_is_within_the_margin_of_dps(name):
     s = scores(name)
-    diff = s["dds"] - s["dps"]
-    mean, se = float(diff.mean()), float(diff.std() / math.sqrt(len(diff)))
-    assert mean >= -2 * se, f"{name}: DDS − DPS = {mean:+.2f} ± {se:.2f} dB ({summary(s)} dB)"
+    diff = float((s["dds"] - s["dps"]).mean())
+    assert diff >= -DDS_MARGIN_DB, f"{name}: DDS − DPS = {diff:+.2f} dB ({summary(s)} dB)"
 
 
 @pytest.mark.parametrize("name", DPS_AHEAD)

@@ -15,7 +15,11 @@ would silently leave the hole). Images are read from any 8-bit file PIL reads (P
 and written as PNG, 8-bit on [−1, 1] ↔ [0, 255], so values of a noisy measurement outside [−1, 1] are clipped
 when it is written (as for any image file). An image of another size or channel count than the model's is an
 error that says what was expected; ``--resize`` center-crops and resizes it instead (``degrade --resize N``: to
-N×N).
+N×N). Tasks whose
+measurement is not an image of the sample's grid (``mri4``: complex k-space, ``ct``: a sinogram,
+``phase_retrieval``: Fourier magnitudes) write and read it as a NumPy ``.npy`` array of the operator's output
+shape instead, unclipped and complex where it is complex (without stored settings: give ``restore`` the task and
+seeds).
 """
 
 from __future__ import annotations
@@ -39,6 +43,30 @@ def _check_out(out, *inputs) -> None:
     for name, path in inputs:
         if path is not None and Path(out).resolve() == Path(path).resolve():
             raise ValueError(f"--out: {out} is the {name} file; choose another path (inputs are never overwritten)")
+
+
+def _load_array(path, name: str, op):
+    import numpy as np
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{name}: no such file: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise ValueError(f"{name}: cannot read {path} as a .npy array ({type(err).__name__}: {err})") from None
+    kind = "complex" if op.complex_output else "real"
+    if tuple(arr.shape) != tuple(op.shape_out) or np.iscomplexobj(arr) != op.complex_output:
+        raise ValueError(f"{name}: expected a {kind} array of shape {tuple(op.shape_out)} (the measurement "
+                         f"`diffsolve degrade` writes for this task), got a {arr.dtype} array of shape {arr.shape}")
+    return torch.from_numpy(arr)[None]
+
+
+def _check_suffix(task, path, name: str) -> None:
+    want = ".png" if task.image_measurement else ".npy"
+    if Path(path).suffix.lower() != want:
+        what = "an image" if task.image_measurement else "not an image (written as a NumPy array)"
+        raise ValueError(f"{name}: the {task.name} measurement is {what}: expected a {want} file, got {path}")
 
 
 def _describe(shape) -> str:
@@ -81,7 +109,7 @@ def _adopt_measurement_settings(args, measured) -> None:
     given with another value is an error (the operator or the likelihood would not be the measurement's)."""
     from ..images import png_settings
 
-    stored = png_settings(measured)
+    stored = {} if measured is None else png_settings(measured)
     for flag, key in _MEASUREMENT_FLAGS.items():
         dest = flag[2:].replace("-", "_")
         given = getattr(args, dest)
@@ -104,6 +132,7 @@ def _cmd_degrade(args, options, parser) -> int:
     from .noise import measure
 
     task, sigma01 = _task_and_sigma(args)
+    _check_suffix(task, args.out, "--out")
     _check_out(args.out, ("--input", args.input))
     img = _read(args.input, "--input")
     size = None if args.resize is None else (args.resize, args.resize)
@@ -111,8 +140,15 @@ def _cmd_degrade(args, options, parser) -> int:
     shape = tuple(clean.shape[1:])
     op = task.operator(shape, args.mask_seed)
     y = measure(op, clean.double(), task.noise(sigma01), seed=args.seed)
-    settings = {"task": task.name, "mask_seed": args.mask_seed, "sigma_y": sigma01, "noise_seed": args.seed}
-    save_png(make_grid(y.float(), per_row=1, pad=0), args.out, settings)
+    if task.image_measurement:
+        settings = {"task": task.name, "mask_seed": args.mask_seed, "sigma_y": sigma01, "noise_seed": args.seed}
+        save_png(make_grid(y.float(), per_row=1, pad=0), args.out, settings)
+    else:
+        import numpy as np
+
+        from ..files import atomic_write
+
+        atomic_write(args.out, lambda f: np.save(f, y[0].numpy()))
     print(f"{task.name}: {_describe(shape)} -> {_describe(op.shape_out)} measurement, {task.setting(shape)}, "
           f"sigma_y = {sigma01:g} on [0, 1] (seed {args.seed}, mask seed {args.mask_seed}) -> {args.out}")
     return 0
@@ -127,11 +163,13 @@ def _cmd_restore(args, options, parser) -> int:
     from .solve import solve
 
     _check_out(args.out, ("--input", args.input), ("--reference", args.reference))
-    measured = _read(args.input, "--input")
+    # a .npy measurement (k-space, sinogram, magnitudes) is read once the operator gives its shape
+    measured = None if Path(args.input).suffix.lower() == ".npy" else _read(args.input, "--input")
     _adopt_measurement_settings(args, measured)
     task, sigma01 = _task_and_sigma(args)
     spec = get_solver(args.method)  # method and options are checked before anything is loaded
     options = parse_options(spec, options)
+    _check_suffix(task, args.input, "--input")
     reference = None if args.reference is None else _read(args.reference, "--reference")
     model = load_model(args.model, scheduler_config=args.scheduler_config, device=args.device)
     shape = model.sample_shape
@@ -139,19 +177,25 @@ def _cmd_restore(args, options, parser) -> int:
         raise ValueError(f"--model: restore needs an image model with a known (C, H, W) sample shape, got {shape}")
     op = task.operator(shape, args.mask_seed)
     preset = {k: v for k, v in task.solver_options(args.method, shape).items() if k in spec.options}
-    measured = _image(measured, op.shape_out, "--input", args.input,
-                      f"the {task.name} measurement of the model's {_describe(shape)} images", args.resize)
+    if measured is None:
+        measured = _load_array(args.input, "--input", op)
+    else:
+        measured = _image(measured, op.shape_out, "--input", args.input,
+                          f"the {task.name} measurement of the model's {_describe(shape)} images", args.resize)
     if reference is not None:
         reference = _image(reference, shape, "--reference", args.reference, "the model's image size", args.resize)
-    x, info = solve(model, op, measured.to(model.device), args.method, noise=task.noise(sigma01), steps=args.steps,
+    steps = task.solver_steps(args.method, shape) if args.steps is None else args.steps
+    x, info = solve(model, op, measured.to(model.device), args.method, noise=task.noise(sigma01), steps=steps,
                     seeds=[args.seed], progress=not args.quiet, return_info=True, **{**preset, **options})
     save_png(make_grid(x, per_row=1, pad=0), args.out)
     print(f"{args.method} on {task.name}: {info.nfe} network evaluations, {info.wall_time:.2f} s, "
           f"{task.setting(shape)} -> {args.out}")
     if reference is not None:
         ref = reference.to(x.device)
-        base = op.A_pinv(measured.to(x.device).to(x.dtype))
-        print(f"PSNR {float(psnr(x, ref)):.2f} dB, SSIM {float(ssim(x, ref)):.3f} "
+        base = task.align(op.A_pinv(measured.to(x.device)).to(x.dtype), ref)
+        x = task.align(x, ref)
+        up_to = " (up to the measurement's ambiguities)" if task.ambiguities is not None else ""
+        print(f"PSNR{up_to} {float(psnr(x, ref)):.2f} dB, SSIM {float(ssim(x, ref)):.3f} "
               f"(pseudo-inverse of the measurement: PSNR {float(psnr(base, ref)):.2f} dB, "
               f"SSIM {float(ssim(base, ref)):.3f})")
     return 0
@@ -180,7 +224,8 @@ def add_commands(sub) -> None:
                                    "`diffsolve digits --out clean.png`.")
     p.add_argument("--task", required=True, help=tasks)
     p.add_argument("--input", required=True, help="the clean image (PNG, JPEG, ...)")
-    p.add_argument("--out", type=output_file(".png"), required=True, help="the measurement PNG to write")
+    p.add_argument("--out", type=output_file(".png", ".npy"), required=True,
+                   help="the measurement to write: a PNG, or .npy for mri4, ct and phase_retrieval")
     p.add_argument("--resize", type=int_at_least(1, "the image side in pixels"), default=None, metavar="N",
                    help="center-crop the image to a square and resize it to N×N first (e.g. the model's 256; "
                         "default: keep its size)")
@@ -198,13 +243,13 @@ def add_commands(sub) -> None:
     p.add_argument("--task", default=None, help=f"{tasks} (default: the one stored in --input)")
     p.add_argument("--method", default="dds", metavar="NAME",
                    help=f"one of {', '.join(list_solvers())} (daps = daps_1k)")
-    p.add_argument("--input", required=True, help="the measurement image (from `diffsolve degrade`)")
+    p.add_argument("--input", required=True, help="the measurement image, or .npy for mri4, ct and phase_retrieval (from `diffsolve degrade`)")
     p.add_argument("--out", type=output_file(".png"), required=True, help="the restored PNG to write")
     p.add_argument("--reference", default=None, help="the clean image: print PSNR and SSIM (default: none)")
     p.add_argument("--resize", action="store_true",
                    help="center-crop and resize --input to the measurement size of the model's images and "
                         "--reference to the model's size (converting grey/colour to the model's channels)")
-    p.add_argument("--steps", type=int_at_least(1), default=None, help="solver steps (default: the method's)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="solver steps (default: the task preset's, else the method's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the solver's noise")
     p.add_argument("--mask-seed", type=int, default=None,
                    help="the --mask-seed given to degrade (default: the one stored in --input, else 0)")

@@ -27,10 +27,14 @@ tangent space at x̂0. That is plausible for blur, super-resolution, MRI and CT,
 for a mask the subspace is spanned by the observed pixels alone, so the update overwrites them and never
 moves a missing one (the hole hears of y only through later denoiser calls); for A = I it is span{y − x̂0},
 mostly measurement noise, so every step pulls x̂0 a fraction γ/(1 + γ) toward the noisy y. DPS moves the
-missing pixels with the observed ones through the denoiser's Jacobian. On digits16 DDS matches or beats
-1000-step DPS on SR and both blurs at 20–50 steps and trails it on inpainting (3–4 dB) and denoising
-(≈ 0.8 dB), with more steps, other γ or η, and averaged samples alike (``benchmarks/inverse_tuning.py
-dds-gap``, benchmarks/RESULTS.md).
+missing pixels with the observed ones through the denoiser's Jacobian. The same holds, in k-space, for
+single-coil Cartesian MRI (A Aᴴ is a projector: the update rewrites the sampled lines and leaves the others
+to the denoiser), and for sparse-view CT the Krylov space lies in the range of Aᴴ, back-projections along
+4 directions, while more than half the image is in A's null space. On digits16 DDS matches 1000-step DPS on
+SR, both blurs and CT (a tie on held-out digits, 1.4 dB behind on training digits) and trails it on
+inpainting (3–4 dB), denoising (≈ 0.8 dB) and MRI (3.4 dB: the papers' home ground, at 16²;
+benchmarks/RESULTS.md), with more steps, other γ or η, and averaged samples alike
+(``benchmarks/inverse_tuning.py dds-gap``).
 """
 
 from __future__ import annotations
