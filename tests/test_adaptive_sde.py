@@ -299,7 +299,7 @@ def test_cli_adaptive_sampler_runs_without_steps(tmp_path, capsys, monkeypatch):
     gmm = GaussianMixture.random(16, 3, VPLinear(), seed=0)
     flat = gmm.as_model().net
     model = DiffusionModel(lambda x, t: flat(x.flatten(1), t).reshape(x.shape), gmm.schedule, sample_shape=(1, 4, 4))
-    monkeypatch.setattr(diffsolve, "load_model", lambda name, device=None: model)
+    monkeypatch.setattr(diffsolve, "load_model", lambda name, device=None, scheduler_config=None: model)
     base = ["sample", "--model", "gmm", "--sampler", "adaptive_sde", "--num", "3", "--quiet"]
     assert main(base + ["--steps", "none", "--rtol", "0.05", "--atol", "0.0078", "--out", str(tmp_path / "a.png")]) == 0
     assert main(base + ["--rtol", "0.1", "--out", str(tmp_path / "b.png")]) == 0  # --steps defaults to none
