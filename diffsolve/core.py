@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .model import DiffusionModel, Prediction, _expand
+from .model import DiffusionModel, KnownTime, Prediction, _expand
 from .schedules import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -257,9 +257,10 @@ class Run:
         self.batch = len(noise)
         #: adaptive samplers set this to the network evaluations each sample took (a (batch,) tensor)
         self.nfe_per_sample: Tensor | None = None
-        self._t_device = torch.as_tensor(grid.t, device=device)
-        self._first_bad_step: Tensor | None = None
-        self._off_grid = False  # set by samplers that report per-sample times (adaptive ones)
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._points: dict = {}  # (dtype, batch) → per grid point (t, KnownTime), prepared once per run
+        self._step_sums: Tensor | None = None  # Σx after each fixed-grid step: non-finite iff x was
+        self._first_bad_step: Tensor | None = None  # adaptive samplers: the first bad iteration (−1: none)
 
     def set_grid(self, t) -> None:
         """Replace the time grid by another with the same number of points, for samplers that must move the
@@ -269,11 +270,25 @@ class Run:
         if len(grid) != len(self.grid):
             raise ValueError(f"set_grid: expected {len(self.grid)} times, got {len(grid)}")
         self.grid = grid
-        self._t_device = torch.as_tensor(grid.t, device=self._t_device.device)
+        self._points = {}
+
+    def grid_points(self, dtype: torch.dtype, batch: int) -> list[tuple[Tensor, KnownTime]]:
+        """Per grid point i: the (batch,) times t_i in ``dtype`` and what the model needs there (its time input,
+        α_i, σ_i), computed once per run (one host-to-device copy) so that a step does no lookups."""
+        key = (dtype, batch)
+        if key not in self._points:
+            # the network's time input from t in the state's dtype, as an evaluation at per-sample times gets it
+            t = torch.as_tensor(self.grid.t, dtype=torch.float64).to(device=self.device, dtype=dtype)
+            net_time = self.model.network_time(t)
+            t, net_time = t[:, None].expand(-1, batch), net_time[:, None].expand(-1, batch)
+            self._points[key] = [(t[i], KnownTime(net_time[i], float(self.grid.alpha[i]), float(self.grid.sigma[i])))
+                                 for i in range(len(self.grid))]
+        return self._points[key]
 
     def predict(self, x: Tensor, i: int) -> Prediction:
-        """(ε̂, x̂0) at grid point i."""
-        return self.predict_at(x, self._t_device[i].to(x.dtype).expand(x.shape[0]))
+        """(ε̂, x̂0) at grid point i, with the coefficients prepared before the loop."""
+        t, known = self.grid_points(x.dtype, x.shape[0])[i]
+        return self.model.predict(x, t, self.class_labels, self.guidance_scale, known=known)
 
     def predict_at(self, x: Tensor, t: Tensor) -> Prediction:
         """(ε̂, x̂0) at per-sample times ``t`` of shape (batch,)."""
@@ -303,19 +318,26 @@ class Run:
     def steps(self, desc: str = "sampling", reverse: bool = False):
         """The step indices 0 … N−1 (N−1 … 0 for an inversion), with a progress bar when asked."""
         indices = range(self.grid.steps - 1, -1, -1) if reverse else range(self.grid.steps)
-        return tqdm(indices, desc=desc, disable=not self.progress, leave=False)
+        return tqdm(indices, desc=desc, leave=False) if self.progress else indices
 
     def step_done(self, i: int, x: Tensor, x0_pred: Tensor | None = None, t: Tensor | None = None) -> None:
-        """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback and records (on the
-        device) whether x became non-finite. Samplers that step off the grid (adaptive ones) pass the
+        """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback and records on the
+        device whether x became non-finite. Samplers that step off the grid (adaptive ones) pass the
         per-sample times ``t`` (batch,) that x has reached; the callback then receives them in place of t_{i+1}
-        and ``i`` counts iterations."""
-        bad = ~torch.isfinite(x).all()
-        if self._first_bad_step is None:
-            self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=x.device)
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), i, self._first_bad_step)
+        and ``i`` counts iterations.
+
+        On the grid the record is one reduction written in place, Σx into slot i of a buffer made at the first
+        step: a NaN/Inf element makes the sum non-finite (so does a sum beyond the dtype's range, |x| ~ 1e38/n
+        in float32, which only a diverged run reaches). Nothing here reads a value back to the host."""
         if t is not None:
-            self._off_grid = True
+            bad = ~torch.isfinite(x).all()
+            if self._first_bad_step is None:
+                self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=x.device)
+            self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), i, self._first_bad_step)
+        else:
+            if self._step_sums is None:
+                self._step_sums = torch.zeros(self.grid.steps, dtype=x.dtype, device=x.device)
+            torch.sum(x.detach(), dim=tuple(range(x.ndim)), out=self._step_sums[i])
         if self.callback is not None:
             self.callback(i, float(self.grid.t[i + 1]) if t is None else t, x, x0_pred)
 
@@ -323,11 +345,14 @@ class Run:
         """One host sync at the end: raise if any step produced NaN/Inf, naming the first."""
         if self._first_bad_step is not None:
             first = int(self._first_bad_step)
-            if first >= 0 and self._off_grid:
+            if first >= 0:
                 raise FloatingPointError(
                     f"the sampler produced NaN/Inf at iteration {first} (t from {self.grid.t[0]:.6g} to "
                     f"{self.grid.t[-1]:.6g}); try tighter tolerances or a later t_end")
-            if first >= 0:
+        if self._step_sums is not None:
+            bad = (~torch.isfinite(self._step_sums)).nonzero()
+            if len(bad):
+                first = int(bad[0])
                 raise FloatingPointError(
                     f"the sampler produced NaN/Inf at step {first} (t = {self.grid.t[first]:.6g} → "
                     f"{self.grid.t[first + 1]:.6g}); try more steps, a lower order, or a later t_end")
