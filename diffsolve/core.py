@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ def phi(k: int, h: float) -> float:
     return total
 
 
+@functools.lru_cache(maxsize=None, typed=True)  # exact rational arithmetic: cheap once, not at every run
 def adams_bashforth_weights(order: int) -> tuple[float, ...]:
     """Weights b_0 … b_{k−1} of the k-step Adams–Bashforth method for equal steps h,
     y_{n+1} = y_n + h Σ_j b_j f_{n−j}: the integral over [t_n, t_n + h] of the polynomial through
@@ -274,25 +276,30 @@ class Run:
 
     def grid_points(self, dtype: torch.dtype, batch: int) -> list[tuple[Tensor, KnownTime]]:
         """Per grid point i: the (batch,) times t_i in ``dtype`` and what the model needs there (its time input,
-        α_i, σ_i), computed once per run (one host-to-device copy) so that a step does no lookups."""
+        α_i, σ_i), computed once per run so that a step does no lookups."""
         key = (dtype, batch)
         if key not in self._points:
-            # the network's time input from t in the state's dtype, as an evaluation at per-sample times gets it
-            t = torch.as_tensor(self.grid.t, dtype=torch.float64).to(device=self.device, dtype=dtype)
-            net_time = self.model.network_time(t)
-            t, net_time = t[:, None].expand(-1, batch), net_time[:, None].expand(-1, batch)
-            self._points[key] = [(t[i], KnownTime(net_time[i], float(self.grid.alpha[i]), float(self.grid.sigma[i])))
-                                 for i in range(len(self.grid))]
+            self._points[key] = self.points_at(self.grid, dtype, batch)
         return self._points[key]
+
+    def points_at(self, grid: TimeGrid, dtype: torch.dtype, batch: int) -> list[tuple[Tensor, KnownTime]]:
+        """:meth:`grid_points` of other fixed times (e.g. the stage times of a Runge–Kutta step), for
+        :meth:`predict_at`; one host-to-device copy."""
+        # the network's time input from t in the state's dtype, as an evaluation at per-sample times gets it
+        t = torch.as_tensor(grid.t, dtype=torch.float64).to(device=self.device, dtype=dtype)
+        net_time = self.model.network_time(t)
+        t, net_time = t[:, None].expand(-1, batch), net_time[:, None].expand(-1, batch)
+        return [(t[i], KnownTime(net_time[i], float(grid.alpha[i]), float(grid.sigma[i]))) for i in range(len(grid))]
 
     def predict(self, x: Tensor, i: int) -> Prediction:
         """(ε̂, x̂0) at grid point i, with the coefficients prepared before the loop."""
         t, known = self.grid_points(x.dtype, x.shape[0])[i]
         return self.model.predict(x, t, self.class_labels, self.guidance_scale, known=known)
 
-    def predict_at(self, x: Tensor, t: Tensor) -> Prediction:
-        """(ε̂, x̂0) at per-sample times ``t`` of shape (batch,)."""
-        return self.model.predict(x, t, self.class_labels, self.guidance_scale)
+    def predict_at(self, x: Tensor, t: Tensor, known: KnownTime | None = None) -> Prediction:
+        """(ε̂, x̂0) at per-sample times ``t`` of shape (batch,); ``known`` from :meth:`points_at` when the
+        times are fixed before sampling."""
+        return self.model.predict(x, t, self.class_labels, self.guidance_scale, known=known)
 
     def prior_noise(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         """x at the grid's first time drawn from the prior, seeded per sample: N(0, I) for VP schedules,
@@ -320,8 +327,9 @@ class Run:
         indices = range(self.grid.steps - 1, -1, -1) if reverse else range(self.grid.steps)
         return tqdm(indices, desc=desc, leave=False) if self.progress else indices
 
-    def step_done(self, i: int, x: Tensor, x0_pred: Tensor | None = None, t: Tensor | None = None) -> None:
-        """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback and records on the
+    def step_done(self, i: int, x: Tensor, x0_pred: Tensor | Prediction | None = None, t: Tensor | None = None) -> None:
+        """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback (``x0_pred``: x̂0, or
+        the Prediction to read it from, only when there is a callback) and records on the
         device whether x became non-finite. Samplers that step off the grid (adaptive ones) pass the
         per-sample times ``t`` (batch,) that x has reached; the callback then receives them in place of t_{i+1}
         and ``i`` counts iterations.
@@ -339,7 +347,8 @@ class Run:
                 self._step_sums = torch.zeros(self.grid.steps, dtype=x.dtype, device=x.device)
             torch.sum(x.detach(), dim=tuple(range(x.ndim)), out=self._step_sums[i])
         if self.callback is not None:
-            self.callback(i, float(self.grid.t[i + 1]) if t is None else t, x, x0_pred)
+            x0 = x0_pred.x0 if isinstance(x0_pred, Prediction) else x0_pred
+            self.callback(i, float(self.grid.t[i + 1]) if t is None else t, x, x0)
 
     def check_finite(self) -> None:
         """One host sync at the end: raise if any step produced NaN/Inf, naming the first."""

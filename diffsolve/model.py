@@ -23,12 +23,28 @@ PREDICTIONS = ("epsilon", "x0", "v", "score")
 _ALIASES = {"sample": "x0", "v_prediction": "v", "eps": "epsilon"}
 
 
-@dataclass
 class Prediction:
-    """The model's estimate at (x, t): noise ε̂ and clean data x̂0 with x = α x̂0 + σ ε̂."""
+    """The model's estimate at (x, t): noise ε̂ and clean data x̂0 with x = α x̂0 + σ ε̂.
 
-    eps: Tensor
-    x0: Tensor
+    Either may be given as a function of no arguments that computes it when first read, so that a sampler
+    that uses only ε̂ (or only x̂0) does not pay for the conversion to the other."""
+
+    __slots__ = ("_eps", "_x0")
+
+    def __init__(self, eps: Tensor | Callable[[], Tensor], x0: Tensor | Callable[[], Tensor]):
+        self._eps, self._x0 = eps, x0
+
+    @property
+    def eps(self) -> Tensor:
+        if not isinstance(self._eps, Tensor):
+            self._eps = self._eps()
+        return self._eps
+
+    @property
+    def x0(self) -> Tensor:
+        if not isinstance(self._x0, Tensor):
+            self._x0 = self._x0()
+        return self._x0
 
 
 @dataclass
@@ -67,12 +83,13 @@ class KnownTime:
 
 def _convert(prediction: str, x: Tensor, out: Tensor, alpha, sigma) -> Prediction:
     """(ε̂, x̂0) from the network output ``out`` of kind ``prediction``; α, σ host floats or columns against x.
-    With floats each conversion is two fused operations (``torch.add(..., alpha=)`` and a scaling)."""
+    With floats each conversion is two fused operations (``torch.add(..., alpha=)`` and a scaling), done only
+    when the converted quantity is read."""
     if isinstance(alpha, float):
         if prediction == "epsilon":
-            return Prediction(eps=out, x0=torch.add(x, out, alpha=-sigma).mul_(1.0 / alpha))
+            return Prediction(eps=out, x0=lambda: torch.add(x, out, alpha=-sigma).mul_(1.0 / alpha))
         if prediction == "x0" and sigma > 0:
-            return Prediction(eps=torch.add(x, out, alpha=-alpha).mul_(1.0 / sigma), x0=out)
+            return Prediction(eps=lambda: torch.add(x, out, alpha=-alpha).mul_(1.0 / sigma), x0=out)
     if prediction == "epsilon":
         eps = out
         x0 = (x - sigma * eps) / alpha

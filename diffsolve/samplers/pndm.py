@@ -104,7 +104,7 @@ def pndm(run, x, *, method: str = "f_pndm", skip_prk: bool = False):
     if prk:
         mid = TimeGrid(g.schedule, (g.t[:_PRK_STEPS] + g.t[1 : _PRK_STEPS + 1]) / 2)
         half = [transfer_coefficients(g.alpha[i], g.sigma[i], mid.alpha[i], mid.sigma[i]) for i in range(_PRK_STEPS)]
-        t_mid = torch.as_tensor(mid.t, device=x.device).to(x.dtype)[:, None].expand(_PRK_STEPS, x.shape[0])
+        mid_points = run.points_at(mid, x.dtype, x.shape[0])
 
     eps_hist: list[torch.Tensor] = []  # ε̂ at the last grid points, newest first
     for i in run.steps("pndm"):
@@ -115,8 +115,8 @@ def pndm(run, x, *, method: str = "f_pndm", skip_prk: bool = False):
         if prk and i < _PRK_STEPS:
             ah, bh = half[i]
             e1 = pred.eps
-            e2 = run.predict_at(ah * x + bh * e1, t_mid[i]).eps
-            e3 = run.predict_at(ah * x + bh * e2, t_mid[i]).eps
+            e2 = run.predict_at(ah * x + bh * e1, *mid_points[i]).eps
+            e3 = run.predict_at(ah * x + bh * e2, *mid_points[i]).eps
             e4 = run.predict(a * x + b * e3, i + 1).eps
             e = (e1 + 2.0 * e2 + 2.0 * e3 + e4) / 6.0
         elif i == 0:  # pseudo improved Euler (S-PNDM, skip_prk); plain DDIM onto σ = 0
@@ -127,7 +127,7 @@ def pndm(run, x, *, method: str = "f_pndm", skip_prk: bool = False):
             w = weights[len(eps_hist)]
             e = w[0] * eps_hist[0]
             for wj, ej in zip(w[1:], eps_hist[1:]):
-                e = e + wj * ej
-        x = a * x + b * e
-        run.step_done(i, x, pred.x0)
+                e.add_(ej, alpha=wj)
+        x = torch.add(a * x, e, alpha=b)
+        run.step_done(i, x, pred)
     return x
