@@ -252,8 +252,11 @@ class Run:
     def __init__(
         self, model: DiffusionModel, grid: TimeGrid, noise: SeededNoise, *, class_labels: Tensor | None = None,
         guidance_scale: float = 1.0, callback: Callable | None = None, progress: bool = False, device=None,
+        net_dtype: torch.dtype | None = None, network: Callable | None = None,
     ):
         self.model, self.grid, self.noise = model, grid, noise
+        #: how the network runs during :meth:`execute` (see ``DiffusionModel.evaluating``)
+        self.net_dtype, self.network = net_dtype, network
         self.class_labels, self.guidance_scale = class_labels, guidance_scale
         self.callback, self.progress = callback, progress
         self.batch = len(noise)
@@ -312,7 +315,7 @@ class Run:
         check: (output, NFE, wall seconds, the device synchronised before the clock stops)."""
         nfe_before = self.model.nfe
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.model.evaluating(self.net_dtype, self.network):
             out = fn(self, x, **options)
         self.check_finite()
         if self.noise.device.type == "cuda":
@@ -365,6 +368,14 @@ class Run:
                 raise FloatingPointError(
                     f"the sampler produced NaN/Inf at step {first} (t = {self.grid.t[first]:.6g} → "
                     f"{self.grid.t[first + 1]:.6g}); try more steps, a lower order, or a later t_end")
+
+
+def solver_dtype(model: DiffusionModel, x_T: Tensor | None = None) -> torch.dtype:
+    """The dtype of a sampler's state: x_T's when it is float32 or float64, else float64 for a float64 network
+    and float32 for any other (half-precision networks included, as diffusers upcasts its schedulers)."""
+    if x_T is not None and x_T.dtype in (torch.float32, torch.float64):
+        return x_T.dtype
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
 
 
 def scale(c: float | Tensor, x: Tensor) -> float | Tensor:

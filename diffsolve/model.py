@@ -106,6 +106,44 @@ def _convert(prediction: str, x: Tensor, out: Tensor, alpha, sigma) -> Predictio
     return Prediction(eps=eps, x0=x0)
 
 
+class CapturedNetwork:
+    """A network call ``network(x, net_time, kwargs)`` captured in a CUDA graph per input signature (shapes,
+    dtypes, autocast state) and replayed: each call copies its inputs into the graph's static buffers and
+    copies the output out of it (samplers keep outputs across steps, and the next replay overwrites it). The
+    first call of a signature warms the network up on a side stream (lazy initialisation, workspaces), then
+    captures it."""
+
+    def __init__(self, network: Callable):
+        self.network = network
+        self.graphs: dict = {}
+
+    def __call__(self, x: Tensor, net_time: Tensor, kwargs: dict) -> Tensor:
+        inputs = [x, net_time, *kwargs.values()]
+        key = (tuple((v.shape, v.dtype, v.device) for v in inputs), tuple(kwargs),
+               torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, net_time, kwargs)
+        static, graph, out = self.graphs[key]
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x: Tensor, net_time: Tensor, kwargs: dict):
+        static = [v.clone() for v in (x, net_time, *kwargs.values())]
+        static_kwargs = dict(zip(kwargs, static[2:]))
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.network(static[0], static[1], static_kwargs)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.network(static[0], static[1], static_kwargs)
+        return static, graph, out
+
+
 class DiffusionModel:
     """A denoising network with its schedule.
 
@@ -214,6 +252,18 @@ class DiffusionModel:
         cond = kwargs.get("cond")
         return self.net(x, net_time) if cond is None else self.net(x, net_time, cond)
 
+    def accelerated_network(self, compile: bool = False, cuda_graph: bool = False) -> Callable | None:
+        """``raw_network`` through ``torch.compile`` and/or captured in CUDA graphs (one per input shape and
+        dtype, replayed), made once per model and reused by later runs; None when neither is asked."""
+        if not (compile or cuda_graph):
+            return None
+        key = (compile, cuda_graph)
+        cache = self.__dict__.setdefault("_accelerated", {})
+        if key not in cache:
+            network = torch.compile(self.raw_network) if compile else self.raw_network
+            cache[key] = CapturedNetwork(network) if cuda_graph else network
+        return cache[key]
+
     def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None, embeds: Tensor | None = None,
                  net_time: Tensor | None = None) -> Tensor:
         requested, network = self._evaluation
@@ -229,7 +279,8 @@ class DiffusionModel:
             kwargs = {} if cond is None else {"cond": cond}
         network = network or self.raw_network
         if params is not None and dtype != params:  # float32 weights, half compute: autocast, no weight copy
-            with torch.autocast(x.device.type, dtype=dtype):
+            # no autocast cache: a captured CUDA graph must not hold casts made outside it
+            with torch.autocast(x.device.type, dtype=dtype, cache_enabled=False):
                 out = network(x.to(dtype), net_time, kwargs)
         else:
             out = network(x.to(dtype), net_time, kwargs)
