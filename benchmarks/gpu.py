@@ -159,14 +159,14 @@ def main() -> None:
         torch.manual_seed(0)
         base = NETWORKS[name](small).eval().requires_grad_(False).to(device)
         params = sum(p.numel() for p in base.parameters()) / 1e6
-        ems_file = Path(tempfile.mkdtemp()) / "ems.safetensors"
-        random_ems(DiffusionModel(base, DiscreteVP.from_config(SCHEDULE)), n_lambda=120).save(ems_file)
         for dtype_name in dtypes:
             unet = copy.deepcopy(base).to(DTYPES[dtype_name])
             if unet.config.out_channels == 2 * unet.config.in_channels:
                 # learned σ: diffusers' DDIM/DPM-Solver schedulers expect ε alone (diffsolve drops the rest itself)
                 unet.register_forward_hook(lambda module, args, out: UNet2DOutput(out.sample[:, : args[0].shape[1]]))
             model = DiffusionModel(unet, DiscreteVP.from_config(SCHEDULE))
+            ems_file = Path(tempfile.mkdtemp()) / "ems.safetensors"  # statistics are tied to the weights' dtype
+            random_ems(model, n_lambda=120).save(ems_file)
             compiled_unet = torch.compile(unet) if "compile" in modes else None
             for batch in batches:
                 for mode in modes:
