@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .core import Run, SeededNoise, TimeGrid, batch_seeds
+from .core import Run, SeededNoise, TimeGrid, batch_seeds, solver_dtype
 from .model import DiffusionModel
 from .pipelines import check_prompts
 from .registry import get_sampler, list_samplers
@@ -120,6 +120,9 @@ def sample(
     progress: bool = False,
     callback: Callable | None = None,
     return_info: bool = False,
+    dtype: torch.dtype | None = None,
+    compile: bool = False,
+    cuda_graph: bool = False,
     **options,
 ):
     """Draw samples with a registered sampler.
@@ -145,6 +148,14 @@ def sample(
             ``False`` returns the latents. ``x_T``, ``shape`` and callbacks are in latent space.
         callback: ``callback(step, t, x, x0_pred)`` after every step.
         return_info: also return a :class:`SampleInfo`.
+        dtype: the precision the network runs in: ``torch.float16`` or ``torch.bfloat16`` (half precision;
+            a float32 module then runs under ``torch.autocast``, its weights untouched) or ``torch.float32``;
+            default: the network's own (a model loaded with ``load_model(..., dtype=)`` runs in that). The
+            sampler's state, history and coefficients stay float32 (float64 for a float64 ``x_T``): a half
+            ``x_T`` is upcast and every network output is cast up before the sampler sees it.
+        compile: run the network through ``torch.compile`` (compiled once per model, reused by later runs).
+        cuda_graph: capture the network call in a CUDA graph per input shape and replay it at every
+            evaluation (CUDA only; with ``compile=True`` the compiled network is captured).
         **options: the sampler's options (``diffsolve samplers`` lists them); unknown ones are an error.
     """
     spec = _check_model_and_sampler(model, sampler, options)
@@ -165,22 +176,42 @@ def sample(
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
     if not isinstance(decode, bool):
         raise TypeError(f"decode: expected True or False, got {decode!r}")
-
     device = model.device if x_T is None else x_T.device
-    dtype = (model.dtype or torch.float32) if x_T is None else x_T.dtype
+    network = _check_acceleration(model, dtype, compile, cuda_graph, device)
+    state_dtype = solver_dtype(model, x_T)
     if text is not None:  # every check passed: the text encoder is the first network call
         labels = model.conditioning(*text, float(guidance_scale))
     labels = None if labels is None else labels.to(device)
     run = Run(model, TimeGrid(model.schedule, ts), SeededNoise(seeds_t, device=device), class_labels=labels,
-              guidance_scale=float(guidance_scale), callback=callback, progress=progress, device=device)
-    if x_T is None:
-        x_T = run.prior_noise(shape[1:], dtype)
+              guidance_scale=float(guidance_scale), callback=callback, progress=progress, device=device,
+              net_dtype=dtype, network=network)
+    x_T = run.prior_noise(shape[1:], state_dtype) if x_T is None else x_T.to(state_dtype)
     x, nfe, wall = run.execute(spec.fn, x_T, options)
     if decode and getattr(model, "is_latent", False):
         x = model.decode(x)
     if not return_info:
         return x
     return x, SampleInfo(spec.name, nfe, run.nfe_per_sample, torch.as_tensor(run.grid.t), wall)
+
+
+_NETWORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_acceleration(model: DiffusionModel, dtype, compile, cuda_graph, device):
+    """Check ``dtype``/``compile``/``cuda_graph`` before any work; returns the network to run (None: as is)."""
+    if dtype is not None and dtype not in _NETWORK_DTYPES:
+        raise ValueError(f"dtype: expected one of {list(_NETWORK_DTYPES)} (the network's precision) or None, "
+                         f"got {dtype!r}")
+    if dtype == torch.float32 and model.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: the network's weights are {model.dtype}; it cannot run in float32 without a "
+                         "float32 copy (load it with dtype=torch.float32)")
+    for name, value in (("compile", compile), ("cuda_graph", cuda_graph)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
+    if cuda_graph and torch.device(device).type != "cuda":
+        raise ValueError(f"cuda_graph=True captures CUDA graphs and needs a CUDA device; this run is on "
+                         f"{torch.device(device)} (use compile=True on other devices)")
+    return model.accelerated_network(compile, cuda_graph)
 
 
 def _check_model_and_sampler(model, sampler: str, options: dict):

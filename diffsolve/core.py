@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .model import DiffusionModel, Prediction, _expand
+from .model import DiffusionModel, KnownTime, Prediction, _expand
 from .schedules import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -124,6 +125,7 @@ def phi(k: int, h: float) -> float:
     return total
 
 
+@functools.lru_cache(maxsize=None, typed=True)  # exact rational arithmetic: cheap once, not at every run
 def adams_bashforth_weights(order: int) -> tuple[float, ...]:
     """Weights b_0 … b_{k−1} of the k-step Adams–Bashforth method for equal steps h,
     y_{n+1} = y_n + h Σ_j b_j f_{n−j}: the integral over [t_n, t_n + h] of the polynomial through
@@ -250,16 +252,20 @@ class Run:
     def __init__(
         self, model: DiffusionModel, grid: TimeGrid, noise: SeededNoise, *, class_labels: Tensor | None = None,
         guidance_scale: float = 1.0, callback: Callable | None = None, progress: bool = False, device=None,
+        net_dtype: torch.dtype | None = None, network: Callable | None = None,
     ):
         self.model, self.grid, self.noise = model, grid, noise
+        #: how the network runs during :meth:`execute` (see ``DiffusionModel.evaluating``)
+        self.net_dtype, self.network = net_dtype, network
         self.class_labels, self.guidance_scale = class_labels, guidance_scale
         self.callback, self.progress = callback, progress
         self.batch = len(noise)
         #: adaptive samplers set this to the network evaluations each sample took (a (batch,) tensor)
         self.nfe_per_sample: Tensor | None = None
-        self._t_device = torch.as_tensor(grid.t, device=device)
-        self._first_bad_step: Tensor | None = None
-        self._off_grid = False  # set by samplers that report per-sample times (adaptive ones)
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._points: dict = {}  # (dtype, batch) → per grid point (t, KnownTime), prepared once per run
+        self._step_sums: Tensor | None = None  # Σx after each fixed-grid step: non-finite iff x was
+        self._first_bad_step: Tensor | None = None  # adaptive samplers: the first bad iteration (−1: none)
 
     def set_grid(self, t) -> None:
         """Replace the time grid by another with the same number of points, for samplers that must move the
@@ -269,15 +275,34 @@ class Run:
         if len(grid) != len(self.grid):
             raise ValueError(f"set_grid: expected {len(self.grid)} times, got {len(grid)}")
         self.grid = grid
-        self._t_device = torch.as_tensor(grid.t, device=self._t_device.device)
+        self._points = {}
+
+    def grid_points(self, dtype: torch.dtype, batch: int) -> list[tuple[Tensor, KnownTime]]:
+        """Per grid point i: the (batch,) times t_i in ``dtype`` and what the model needs there (its time input,
+        α_i, σ_i), computed once per run so that a step does no lookups."""
+        key = (dtype, batch)
+        if key not in self._points:
+            self._points[key] = self.points_at(self.grid, dtype, batch)
+        return self._points[key]
+
+    def points_at(self, grid: TimeGrid, dtype: torch.dtype, batch: int) -> list[tuple[Tensor, KnownTime]]:
+        """:meth:`grid_points` of other fixed times (e.g. the stage times of a Runge–Kutta step), for
+        :meth:`predict_at`; one host-to-device copy."""
+        # the network's time input from t in the state's dtype, as an evaluation at per-sample times gets it
+        t = torch.as_tensor(grid.t, dtype=torch.float64).to(device=self.device, dtype=dtype)
+        net_time = self.model.network_time(t)
+        t, net_time = t[:, None].expand(-1, batch), net_time[:, None].expand(-1, batch)
+        return [(t[i], KnownTime(net_time[i], float(grid.alpha[i]), float(grid.sigma[i]))) for i in range(len(grid))]
 
     def predict(self, x: Tensor, i: int) -> Prediction:
-        """(ε̂, x̂0) at grid point i."""
-        return self.predict_at(x, self._t_device[i].to(x.dtype).expand(x.shape[0]))
+        """(ε̂, x̂0) at grid point i, with the coefficients prepared before the loop."""
+        t, known = self.grid_points(x.dtype, x.shape[0])[i]
+        return self.model.predict(x, t, self.class_labels, self.guidance_scale, known=known)
 
-    def predict_at(self, x: Tensor, t: Tensor) -> Prediction:
-        """(ε̂, x̂0) at per-sample times ``t`` of shape (batch,)."""
-        return self.model.predict(x, t, self.class_labels, self.guidance_scale)
+    def predict_at(self, x: Tensor, t: Tensor, known: KnownTime | None = None) -> Prediction:
+        """(ε̂, x̂0) at per-sample times ``t`` of shape (batch,); ``known`` from :meth:`points_at` when the
+        times are fixed before sampling."""
+        return self.model.predict(x, t, self.class_labels, self.guidance_scale, known=known)
 
     def prior_noise(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         """x at the grid's first time drawn from the prior, seeded per sample: N(0, I) for VP schedules,
@@ -290,7 +315,7 @@ class Run:
         check: (output, NFE, wall seconds, the device synchronised before the clock stops)."""
         nfe_before = self.model.nfe
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.model.evaluating(self.net_dtype, self.network):
             out = fn(self, x, **options)
         self.check_finite()
         if self.noise.device.type == "cuda":
@@ -303,34 +328,54 @@ class Run:
     def steps(self, desc: str = "sampling", reverse: bool = False):
         """The step indices 0 … N−1 (N−1 … 0 for an inversion), with a progress bar when asked."""
         indices = range(self.grid.steps - 1, -1, -1) if reverse else range(self.grid.steps)
-        return tqdm(indices, desc=desc, disable=not self.progress, leave=False)
+        return tqdm(indices, desc=desc, leave=False) if self.progress else indices
 
-    def step_done(self, i: int, x: Tensor, x0_pred: Tensor | None = None, t: Tensor | None = None) -> None:
-        """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback and records (on the
-        device) whether x became non-finite. Samplers that step off the grid (adaptive ones) pass the
+    def step_done(self, i: int, x: Tensor, x0_pred: Tensor | Prediction | None = None, t: Tensor | None = None) -> None:
+        """Call after step i (t_i → t_{i+1}, or back for an inversion): runs the callback (``x0_pred``: x̂0, or
+        the Prediction to read it from, only when there is a callback) and records on the
+        device whether x became non-finite. Samplers that step off the grid (adaptive ones) pass the
         per-sample times ``t`` (batch,) that x has reached; the callback then receives them in place of t_{i+1}
-        and ``i`` counts iterations."""
-        bad = ~torch.isfinite(x).all()
-        if self._first_bad_step is None:
-            self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=x.device)
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), i, self._first_bad_step)
+        and ``i`` counts iterations.
+
+        On the grid the record is one reduction written in place, Σx into slot i of a buffer made at the first
+        step: a NaN/Inf element makes the sum non-finite (so does a sum beyond the dtype's range, |x| ~ 1e38/n
+        in float32, which only a diverged run reaches). Nothing here reads a value back to the host."""
         if t is not None:
-            self._off_grid = True
+            bad = ~torch.isfinite(x).all()
+            if self._first_bad_step is None:
+                self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=x.device)
+            self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), i, self._first_bad_step)
+        else:
+            if self._step_sums is None:
+                self._step_sums = torch.zeros(self.grid.steps, dtype=x.dtype, device=x.device)
+            torch.sum(x.detach(), dim=tuple(range(x.ndim)), out=self._step_sums[i])
         if self.callback is not None:
-            self.callback(i, float(self.grid.t[i + 1]) if t is None else t, x, x0_pred)
+            x0 = x0_pred.x0 if isinstance(x0_pred, Prediction) else x0_pred
+            self.callback(i, float(self.grid.t[i + 1]) if t is None else t, x, x0)
 
     def check_finite(self) -> None:
         """One host sync at the end: raise if any step produced NaN/Inf, naming the first."""
         if self._first_bad_step is not None:
             first = int(self._first_bad_step)
-            if first >= 0 and self._off_grid:
+            if first >= 0:
                 raise FloatingPointError(
                     f"the sampler produced NaN/Inf at iteration {first} (t from {self.grid.t[0]:.6g} to "
                     f"{self.grid.t[-1]:.6g}); try tighter tolerances or a later t_end")
-            if first >= 0:
+        if self._step_sums is not None:
+            bad = (~torch.isfinite(self._step_sums)).nonzero()
+            if len(bad):
+                first = int(bad[0])
                 raise FloatingPointError(
                     f"the sampler produced NaN/Inf at step {first} (t = {self.grid.t[first]:.6g} → "
                     f"{self.grid.t[first + 1]:.6g}); try more steps, a lower order, or a later t_end")
+
+
+def solver_dtype(model: DiffusionModel, x_T: Tensor | None = None) -> torch.dtype:
+    """The dtype of a sampler's state: x_T's when it is float32 or float64, else float64 for a float64 network
+    and float32 for any other (half-precision networks included, as diffusers upcasts its schedulers)."""
+    if x_T is not None and x_T.dtype in (torch.float32, torch.float64):
+        return x_T.dtype
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
 
 
 def scale(c: float | Tensor, x: Tensor) -> float | Tensor:

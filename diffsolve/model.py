@@ -9,6 +9,7 @@ slot, for cross-attention UNets such as Stable Diffusion's; see :mod:`diffsolve.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,12 +23,28 @@ PREDICTIONS = ("epsilon", "x0", "v", "score")
 _ALIASES = {"sample": "x0", "v_prediction": "v", "eps": "epsilon"}
 
 
-@dataclass
 class Prediction:
-    """The model's estimate at (x, t): noise ε̂ and clean data x̂0 with x = α x̂0 + σ ε̂."""
+    """The model's estimate at (x, t): noise ε̂ and clean data x̂0 with x = α x̂0 + σ ε̂.
 
-    eps: Tensor
-    x0: Tensor
+    Either may be given as a function of no arguments that computes it when first read, so that a sampler
+    that uses only ε̂ (or only x̂0) does not pay for the conversion to the other."""
+
+    __slots__ = ("_eps", "_x0")
+
+    def __init__(self, eps: Tensor | Callable[[], Tensor], x0: Tensor | Callable[[], Tensor]):
+        self._eps, self._x0 = eps, x0
+
+    @property
+    def eps(self) -> Tensor:
+        if not isinstance(self._eps, Tensor):
+            self._eps = self._eps()
+        return self._eps
+
+    @property
+    def x0(self) -> Tensor:
+        if not isinstance(self._x0, Tensor):
+            self._x0 = self._x0()
+        return self._x0
 
 
 @dataclass
@@ -52,6 +69,79 @@ class TextConditioning:
 def _expand(c: Tensor, x: Tensor) -> Tensor:
     """A per-sample coefficient of shape (batch,) broadcast against x."""
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+@dataclass(frozen=True)
+class KnownTime:
+    """A time whose coefficients are known before sampling: the network's time input (``network_time``, on
+    the device, one per sample) and α, σ as host floats."""
+
+    net_time: Tensor
+    alpha: float
+    sigma: float
+
+
+def _convert(prediction: str, x: Tensor, out: Tensor, alpha, sigma) -> Prediction:
+    """(ε̂, x̂0) from the network output ``out`` of kind ``prediction``; α, σ host floats or columns against x.
+    With floats each conversion is two fused operations (``torch.add(..., alpha=)`` and a scaling), done only
+    when the converted quantity is read."""
+    if isinstance(alpha, float):
+        if prediction == "epsilon":
+            return Prediction(eps=out, x0=lambda: torch.add(x, out, alpha=-sigma).mul_(1.0 / alpha))
+        if prediction == "x0" and sigma > 0:
+            return Prediction(eps=lambda: torch.add(x, out, alpha=-alpha).mul_(1.0 / sigma), x0=out)
+    if prediction == "epsilon":
+        eps = out
+        x0 = (x - sigma * eps) / alpha
+    elif prediction == "x0":
+        x0 = out
+        eps = (x - alpha * x0) / sigma
+    elif prediction == "v":  # v = α ε − σ x0; α² + σ² = 1 for VP, kept general for VE
+        norm = alpha**2 + sigma**2
+        x0 = (alpha * x - sigma * out) / norm
+        eps = (sigma * x + alpha * out) / norm
+    else:  # score = −ε/σ
+        eps = -sigma * out
+        x0 = (x - sigma * eps) / alpha
+    return Prediction(eps=eps, x0=x0)
+
+
+class CapturedNetwork:
+    """A network call ``network(x, net_time, kwargs)`` captured in a CUDA graph per input signature (shapes,
+    dtypes, autocast state) and replayed: each call copies its inputs into the graph's static buffers and
+    copies the output out of it (samplers keep outputs across steps, and the next replay overwrites it). The
+    first call of a signature warms the network up on a side stream (lazy initialisation, workspaces), then
+    captures it."""
+
+    def __init__(self, network: Callable):
+        self.network = network
+        self.graphs: dict = {}
+
+    def __call__(self, x: Tensor, net_time: Tensor, kwargs: dict) -> Tensor:
+        inputs = [x, net_time, *kwargs.values()]
+        key = (tuple((v.shape, v.dtype, v.device) for v in inputs), tuple(kwargs),
+               torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, net_time, kwargs)
+        static, graph, out = self.graphs[key]
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x: Tensor, net_time: Tensor, kwargs: dict):
+        static = [v.clone() for v in (x, net_time, *kwargs.values())]
+        static_kwargs = dict(zip(kwargs, static[2:]))
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.network(static[0], static[1], static_kwargs)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.network(static[0], static[1], static_kwargs)
+        return static, graph, out
 
 
 class DiffusionModel:
@@ -104,6 +194,9 @@ class DiffusionModel:
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.nfe = 0
 
+    #: (network dtype, network callable) set by :meth:`evaluating`; (None, None): the network as it is
+    _evaluation: tuple[torch.dtype | None, Callable | None] = (None, None)
+
     # ---- bookkeeping ------------------------------------------------------------------------------
     def reset_nfe(self) -> None:
         self.nfe = 0
@@ -146,22 +239,73 @@ class DiffusionModel:
         return labels
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None, embeds: Tensor | None = None) -> Tensor:
-        dtype = self.dtype or x.dtype
+    def network_time(self, t: Tensor) -> Tensor:
+        """The time input the network receives at continuous times ``t``: a diffusers UNet gets its training
+        timestep ``schedule.model_time(t)`` in float32 (it embeds time in float32 whatever its own dtype: a
+        bfloat16 timestep would round 999 to 1000), any other callable t itself."""
+        return self.schedule.model_time(t).to(torch.float32) if self.is_diffusers else t
+
+    @contextmanager
+    def evaluating(self, dtype: torch.dtype | None = None, network: Callable | None = None):
+        """Within the block the network runs in ``dtype`` (None: its parameters' dtype, or the input's for a
+        parameterless callable) and through ``network`` (a compiled or graph-captured twin of ``raw_network``;
+        None: ``raw_network`` itself). Inputs are cast to ``dtype`` and outputs back to the caller's dtype, so
+        the sampler's state keeps its own precision. A module whose parameters are float32 runs a half
+        ``dtype`` under ``torch.autocast`` (its weights are not copied)."""
+        saved = self._evaluation
+        self._evaluation = (dtype, network)
+        try:
+            yield
+        finally:
+            self._evaluation = saved
+
+    def raw_network(self, x: Tensor, net_time: Tensor, kwargs: dict) -> Tensor:
+        """One network call on inputs already prepared (``network_time``, dtype): the tensor it outputs."""
+        if self.is_diffusers:
+            return self.net(x, net_time, **kwargs).sample
+        cond = kwargs.get("cond")
+        return self.net(x, net_time) if cond is None else self.net(x, net_time, cond)
+
+    def accelerated_network(self, compile: bool = False, cuda_graph: bool = False) -> Callable | None:
+        """``raw_network`` through ``torch.compile`` and/or captured in CUDA graphs (one per input shape and
+        dtype, replayed), made once per model and reused by later runs; None when neither is asked."""
+        if not (compile or cuda_graph):
+            return None
+        key = (compile, cuda_graph)
+        cache = self.__dict__.setdefault("_accelerated", {})
+        if key not in cache:
+            network = torch.compile(self.raw_network) if compile else self.raw_network
+            cache[key] = CapturedNetwork(network) if cuda_graph else network
+        return cache[key]
+
+    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None, embeds: Tensor | None = None,
+                 net_time: Tensor | None = None) -> Tensor:
+        requested, network = self._evaluation
+        params = self.dtype
+        dtype = requested or params or x.dtype
+        net_time = self.network_time(t) if net_time is None else net_time
         if self.is_diffusers:
             kwargs = {} if labels is None else {"class_labels": labels}
             if embeds is not None:
                 kwargs["encoder_hidden_states"] = embeds.to(dtype)
-            out = self.net(x.to(dtype), self.schedule.model_time(t).to(dtype), **kwargs).sample
         else:
             cond = labels if embeds is None else embeds
-            out = self.net(x, t) if cond is None else self.net(x, t, cond)
+            kwargs = {} if cond is None else {"cond": cond}
+        network = network or self.raw_network
+        if params is not None and dtype != params:  # float32 weights, half compute: autocast, no weight copy
+            # no autocast cache: a captured CUDA graph must not hold casts made outside it
+            with torch.autocast(x.device.type, dtype=dtype, cache_enabled=False):
+                out = network(x.to(dtype), net_time, kwargs)
+        else:
+            out = network(x.to(dtype), net_time, kwargs)
         if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
             out = out[:, : x.shape[1]]
         return out.to(x.dtype)
 
-    def output(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
-        """The raw network output at continuous time ``t`` (shape ``(batch,)``), guided if asked.
+    def output(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0,
+               net_time: Tensor | None = None) -> Tensor:
+        """The raw network output at continuous time ``t`` (shape ``(batch,)``), guided if asked; ``net_time``,
+        when given, is ``network_time(t)`` prepared in advance.
 
         A class-conditional model without labels gets its null class. Guidance: out_u + w (out_c − out_u),
         one batched forward of 2·batch samples; it commutes with the (affine) conversions below.
@@ -171,46 +315,39 @@ class DiffusionModel:
         if isinstance(class_labels, TextConditioning):
             text = class_labels
             if text.uncond is None or guidance_scale == 1.0:
-                return self._forward(x, t, None, text.cond)
-            return self._guided(x, t, guidance_scale, embeds=(text.uncond, text.cond))
+                return self._forward(x, t, None, text.cond, net_time)
+            return self._guided(x, t, guidance_scale, net_time, embeds=(text.uncond, text.cond))
         if self.num_classes is not None and class_labels is None:
             self.check_conditioning(x.shape[0], None, guidance_scale)  # no null class: a clear error
             class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         if class_labels is None or guidance_scale == 1.0:
             labels = None if class_labels is None else class_labels.to(x.device)
-            return self._forward(x, t, labels)
+            return self._forward(x, t, labels, net_time=net_time)
         labels = class_labels.to(x.device)
-        return self._guided(x, t, guidance_scale, labels=(torch.full_like(labels, self.null_class), labels))
+        return self._guided(x, t, guidance_scale, net_time, labels=(torch.full_like(labels, self.null_class), labels))
 
-    def _guided(self, x: Tensor, t: Tensor, guidance_scale: float, labels: tuple | None = None,
+    def _guided(self, x: Tensor, t: Tensor, guidance_scale: float, net_time: Tensor | None, labels: tuple | None = None,
                 embeds: tuple | None = None) -> Tensor:
         """out_u + w (out_c − out_u) from one forward of the batch [unconditional; conditional] (diffusers'
         order); ``labels`` / ``embeds`` are (unconditional, conditional) pairs."""
         both = self._forward(torch.cat([x, x]), torch.cat([t, t]), None if labels is None else torch.cat(labels),
-                             None if embeds is None else torch.cat(embeds))
+                             None if embeds is None else torch.cat(embeds),
+                             None if net_time is None else torch.cat([net_time, net_time]))
         uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    def predict(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Prediction:
-        """(ε̂, x̂0) at ``(x, t)``: the single place where prediction types are converted."""
+    def predict(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0,
+                known: "KnownTime | None" = None) -> Prediction:
+        """(ε̂, x̂0) at ``(x, t)``: the single place where prediction types are converted. ``known`` supplies
+        what a fixed grid point knows before sampling (the network's time input, α and σ as host floats), so
+        the evaluation does no schedule lookups on the device."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.output(x, t, class_labels, guidance_scale)
+        out = self.output(x, t, class_labels, guidance_scale, None if known is None else known.net_time)
+        if known is not None:
+            return _convert(self.prediction, x, out, known.alpha, known.sigma)
         alpha, sigma = _expand(self.schedule.alpha(t), x).to(x.dtype), _expand(self.schedule.sigma(t), x).to(x.dtype)
-        if self.prediction == "epsilon":
-            eps = out
-            x0 = (x - sigma * eps) / alpha
-        elif self.prediction == "x0":
-            x0 = out
-            eps = (x - alpha * x0) / sigma
-        elif self.prediction == "v":  # v = α ε − σ x0; α² + σ² = 1 for VP, kept general for VE
-            norm = alpha**2 + sigma**2
-            x0 = (alpha * x - sigma * out) / norm
-            eps = (sigma * x + alpha * out) / norm
-        else:  # score = −ε/σ
-            eps = -sigma * out
-            x0 = (x - sigma * eps) / alpha
-        return Prediction(eps=eps, x0=x0)
+        return _convert(self.prediction, x, out, alpha, sigma)
 
     def __repr__(self) -> str:
         net = type(self.net).__name__

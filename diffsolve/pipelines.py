@@ -101,7 +101,8 @@ class TextToImageModel(DiffusionModel):
         negatives = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
         return TextConditioning(cond, self.encode_prompt(negatives))
 
-    def output(self, x: Tensor, t: Tensor, class_labels=None, guidance_scale: float = 1.0) -> Tensor:
+    def output(self, x: Tensor, t: Tensor, class_labels=None, guidance_scale: float = 1.0,
+               net_time: Tensor | None = None) -> Tensor:
         """The raw UNet output; without conditioning (e.g. from EMS computation) the empty prompt's."""
         if class_labels is None:
             key = (x.shape[0], x.device)
@@ -109,7 +110,7 @@ class TextToImageModel(DiffusionModel):
                 self._null_embeds = {key: self.encode_prompt([""] * x.shape[0])}
             class_labels = TextConditioning(self._null_embeds[key])
             guidance_scale = 1.0
-        return super().output(x, t, class_labels, guidance_scale)
+        return super().output(x, t, class_labels, guidance_scale, net_time)
 
     # ---- decoding --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -110,16 +110,16 @@ class _HandoffModel(DiffusionModel):
     #: set by the trace: record (x, t) and return zeros without converting (the values do not matter there)
     trace = None
 
-    def output(self, x, t, class_labels=None, guidance_scale=1.0):
+    def output(self, x, t, class_labels=None, guidance_scale=1.0, net_time=None):
         self.nfe += 1
         return self.handoff(x, t)
 
-    def predict(self, x, t, class_labels=None, guidance_scale=1.0):
+    def predict(self, x, t, class_labels=None, guidance_scale=1.0, known=None):
         if self.trace is not None:
             self.trace(x, t)
             zero = torch.zeros_like(x)
             return Prediction(eps=zero, x0=zero)
-        pred = super().predict(x, t, class_labels, guidance_scale)
+        pred = super().predict(x, t, class_labels, guidance_scale, known)
         if self.state is not None:
             self.state.last_x0 = pred.x0
         return pred

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core import Run, SeededNoise, TimeGrid, batch_seeds
+from ..core import Run, SeededNoise, TimeGrid, batch_seeds, solver_dtype
 from ..model import DiffusionModel
 from .noise import PoissonNoise, as_noise
 from .operators import Operator
@@ -146,9 +146,10 @@ def solve(
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
 
     resolved = {**spec.options, **options}
-    # a network's parameters fix the precision; a parameterless model (the GMM oracle) runs in y's
+    # a network fixes the precision (a float32 state for a half-precision one); a parameterless model (the GMM
+    # oracle) runs in y's
     device = model.device
-    dtype = model.dtype or (y.real.dtype if y.is_complex() else y.dtype)
+    dtype = solver_dtype(model) if model.dtype is not None else (y.real.dtype if y.is_complex() else y.dtype)
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
     y = y.to(device=device, dtype=complex_dtype if y.is_complex() else dtype)
     if isinstance(noise, PoissonNoise):

@@ -35,10 +35,15 @@ def ddim(run, x, *, eta: float = 0.0):
     if eta < 0:
         raise ValueError(f"eta: expected >= 0, got {eta}")
     g = run.grid
+    # (α_s, √(σ_s² − c²), c) of every step, on the host before the loop
+    coefficients = []
+    for i in range(g.steps):
+        c = ddim_noise_scale(float(g.alpha[i]), float(g.sigma[i]), float(g.alpha[i + 1]), float(g.sigma[i + 1]), eta)
+        coefficients.append((float(g.alpha[i + 1]), math.sqrt(float(g.sigma[i + 1]) ** 2 - c**2), c))
     for i in run.steps("ddim"):
         pred = run.predict(x, i)
-        c = ddim_noise_scale(g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1], eta)
-        x = g.alpha[i + 1] * pred.x0 + math.sqrt(g.sigma[i + 1] ** 2 - c**2) * pred.eps
+        alpha_s, eps_coef, c = coefficients[i]
+        x = alpha_s * pred.x0 + eps_coef * pred.eps
         if c > 0:
             x = x + c * run.randn_like(x, step=i)
         run.step_done(i, x, pred.x0)

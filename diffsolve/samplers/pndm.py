@@ -115,7 +115,7 @@ def pndm(run, x, *, method: str = "f_pndm", skip_prk: bool = False, v_conversion
     if prk:
         mid = TimeGrid(g.schedule, (g.t[:_PRK_STEPS] + g.t[1 : _PRK_STEPS + 1]) / 2)
         half = [transfer_coefficients(g.alpha[i], g.sigma[i], mid.alpha[i], mid.sigma[i]) for i in range(_PRK_STEPS)]
-        t_mid = torch.as_tensor(mid.t, device=x.device).to(x.dtype)[:, None].expand(_PRK_STEPS, x.shape[0])
+        mid_points = run.points_at(mid, x.dtype, x.shape[0])
 
     def gradient(parts, i, x_start):
         """e′ = Σ w ε̂_j over (w, prediction, α_j, σ_j); diffusers' v rule: α_i Σ w v̂_j + σ_i x_start instead."""
@@ -138,8 +138,8 @@ def pndm(run, x, *, method: str = "f_pndm", skip_prk: bool = False, v_conversion
         if prk and i < _PRK_STEPS:
             ah, bh = half[i]
             am, sm = mid.alpha[i], mid.sigma[i]
-            p2 = run.predict_at(ah * x + bh * gradient([first], i, x), t_mid[i])
-            p3 = run.predict_at(ah * x + bh * gradient([(1.0, p2, am, sm)], i, x), t_mid[i])
+            p2 = run.predict_at(ah * x + bh * gradient([first], i, x), *mid_points[i])
+            p3 = run.predict_at(ah * x + bh * gradient([(1.0, p2, am, sm)], i, x), *mid_points[i])
             p4 = run.predict(a * x + b * gradient([(1.0, p3, am, sm)], i, x), i + 1)
             e = gradient([(1 / 6, pred, g.alpha[i], g.sigma[i]), (1 / 3, p2, am, sm), (1 / 3, p3, am, sm),
                           (1 / 6, p4, g.alpha[i + 1], g.sigma[i + 1])], i, x)
@@ -150,6 +150,6 @@ def pndm(run, x, *, method: str = "f_pndm", skip_prk: bool = False, v_conversion
                 e = gradient([(0.5, pred, g.alpha[0], g.sigma[0]), (0.5, p2, g.alpha[1], g.sigma[1])], i, x)
         else:  # PLMS of order min(history, max_order)
             e = gradient([(w, *h) for w, h in zip(weights[len(hist)], hist)], i, x)
-        x = a * x + b * e
-        run.step_done(i, x, pred.x0)
+        x = torch.add(a * x, e, alpha=b)
+        run.step_done(i, x, pred)
     return x
