@@ -389,11 +389,12 @@ def test_fid_takes_scheduler_config_for_a_unet_folder(unet_only_digit_model, tmp
     assert re.search(r"FID \d", capsys.readouterr().out)
     settings = (work / "settings.json").read_text()
     assert str((sched_dir / "scheduler_config.json").resolve()) in settings
-    # another noise schedule is another setting: the workdir's shards are not reused for it
-    other = tmp_path / "other.json"
-    other.write_text((sched_dir / "scheduler_config.json").read_text().replace('"beta_end": 0.02', '"beta_end": 0.03'))
-    assert other.read_text() != (sched_dir / "scheduler_config.json").read_text()
-    assert main([*base, "--scheduler-config", str(other), "--workdir", str(work)]) == 2
+    # another noise schedule, even in the same file, is another setting: the workdir's shards are not reused
+    config = sched_dir / "scheduler_config.json"
+    edited = config.read_text().replace('"beta_end": 0.02', '"beta_end": 0.03')
+    assert edited != config.read_text()
+    config.write_text(edited)
+    assert main([*base, "--scheduler-config", str(sched_dir), "--workdir", str(work)]) == 2
     assert "made with other settings" in capsys.readouterr().err
 
 

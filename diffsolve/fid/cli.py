@@ -296,11 +296,10 @@ def cmd_sweep(args, options, parser) -> int:
 
     from ..files import atomic_write
     from .run import init_distributed
-    from .sweep import check_tolerances, markdown_table, plot, require_matplotlib, sweep
+    from .sweep import markdown_table, plot, require_matplotlib, sweep
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     sampler_options = _sampler_options(args.option, samplers)
-    check_tolerances(samplers, args.rtol, sampler_options)
     args.num = 2000 if args.num is None else args.num
     _check_num(args, parser)
     if args.out_png:
