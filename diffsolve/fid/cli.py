@@ -128,7 +128,7 @@ def add_commands(sub) -> None:
                    help="comma-separated relative tolerances of the adaptive samplers, e.g. 0.1,0.05,0.02 (needed "
                         "when --samplers names one)")
     p.add_argument("--workdir", type=output_folder, required=True,
-                   help="one sub-folder per (sampler, steps); a rerun resumes")
+                   help="one sub-folder per (sampler, steps or rtol); a rerun resumes")
     p.add_argument("--out-md", type=output_file(".md"), default=None,
                    help="write the Markdown table here (it is printed too)")
     p.add_argument("--out-png", type=output_file(".png"), default=None,
