@@ -315,9 +315,24 @@ class SubcommandParser(argparse.ArgumentParser):
 def add_model_args(p) -> None:
     """``--model``, ``--scheduler-config`` and ``--device`` for a subcommand that loads a model."""
     p.add_argument("--model", default="digits16", help="'digits16' (shipped), a diffusers folder or a hub id")
-    p.add_argument("--scheduler-config", default=None,
-                   help="scheduler_config.json (or its folder) for a --model folder that holds only a UNet")
+    add_scheduler_config_arg(p)
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
+
+
+def scheduler_config_file(text: str) -> str:
+    """``--scheduler-config``: a scheduler_config.json, or a folder holding one."""
+    from .loading import scheduler_config_path
+
+    try:
+        return str(scheduler_config_path(text))
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"expected a scheduler_config.json or a folder holding one, got "
+                                         f"{text!r}") from None
+
+
+def add_scheduler_config_arg(p) -> None:
+    p.add_argument("--scheduler-config", type=scheduler_config_file, default=None,
+                   help="scheduler_config.json (or its folder) for a --model folder that holds only a UNet")
 
 
 def interrupted_note(args) -> str:

@@ -24,14 +24,19 @@ def _read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def scheduler_config_path(path: str | Path) -> Path:
+    """A scheduler_config.json given as itself or as its folder; FileNotFoundError if there is none."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"scheduler_config: no scheduler config file at {path}")
+    return path
+
+
 def _scheduler_config(scheduler_config) -> dict:
     if isinstance(scheduler_config, (str, Path)):
-        path = Path(scheduler_config)
-        if path.is_dir():
-            path = path / "scheduler_config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"scheduler_config: no scheduler config file at {path}")
-        return _read_json(path)
+        return _read_json(scheduler_config_path(scheduler_config))
     return dict(getattr(scheduler_config, "config", scheduler_config))
 
 

@@ -363,6 +363,41 @@ def test_a_unet_folder_takes_scheduler_config(tmp_path, capsys):
                  "1", "--out", str(out), "--quiet"]) == 0
 
 
+@pytest.fixture()
+def unet_only_digit_model(fid_model_and_reference, tmp_path):
+    """The FID tests' digit model split as a user may have it: a folder with only the UNet, and its scheduler
+    config elsewhere (returns the two folders and the reference statistics)."""
+    import shutil
+
+    model, ref = fid_model_and_reference
+    unet_dir, sched_dir = tmp_path / "unet", tmp_path / "sched"
+    shutil.copytree(model / "unet", unet_dir)
+    shutil.copytree(model / "scheduler", sched_dir)
+    return unet_dir, sched_dir, ref
+
+
+def test_fid_takes_scheduler_config_for_a_unet_folder(unet_only_digit_model, tmp_path, capsys):
+    unet_dir, sched_dir, ref = unet_only_digit_model
+    work = tmp_path / "work"
+    base = ["fid", "--model", str(unet_dir), "--sampler", "ddim", "--steps", "2", "--num", "4", "--shard-size", "4",
+            "--batch-size", "4", "--ref", str(ref), "--features", "digits", "--quiet", "--kid-subsets", "0"]
+    err = run_fast([*base[:2], NO_MODEL, *base[3:], "--scheduler-config", str(tmp_path / "none.json")], capsys)
+    assert_names(err, "--scheduler-config", "none.json")
+    assert main(base) == 2
+    assert "--scheduler-config" in capsys.readouterr().err
+    assert main([*base, "--scheduler-config", str(sched_dir), "--workdir", str(work)]) == 0
+    assert re.search(r"FID \d", capsys.readouterr().out)
+    settings = (work / "settings.json").read_text()
+    assert str((sched_dir / "scheduler_config.json").resolve()) in settings
+    # another noise schedule, even in the same file, is another setting: the workdir's shards are not reused
+    config = sched_dir / "scheduler_config.json"
+    edited = config.read_text().replace('"beta_end": 0.02', '"beta_end": 0.03')
+    assert edited != config.read_text()
+    config.write_text(edited)
+    assert main([*base, "--scheduler-config", str(sched_dir), "--workdir", str(work)]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+
+
 # ---- 13: no spurious diffusers warning on --device cpu ------------------------------------------------------
 
 def test_device_cpu_loads_without_the_float32_warning(model_dir, tmp_path):

@@ -21,8 +21,8 @@ import shutil
 import sys
 import tempfile
 
-from ..cliargs import (STEPS_NOT_GIVEN, device, finite_float, int_at_least, output_file, output_folder, positive_int,
-                       steps_or_none)
+from ..cliargs import (STEPS_NOT_GIVEN, add_scheduler_config_arg, device, finite_float, int_at_least, output_file,
+                       output_folder, positive_int, steps_or_none)
 
 INCOMPLETE = 3
 
@@ -34,6 +34,16 @@ def _int_list(text: str) -> list[int]:
         values = []
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _tolerance_list(text: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers > 0, got {text!r}")
     return values
 
 
@@ -74,6 +84,7 @@ def add_commands(sub) -> None:
                                    "--max-shards, rerun to continue.")
     p.add_argument("--model", default=None, help="'digits16', a diffusers folder or a hub id (or --images)")
     p.add_argument("--images", default=None, help="a folder of PNGs to evaluate instead of a model")
+    add_scheduler_config_arg(p)
     p.add_argument("--sampler", default="dpm_solver_pp", metavar="NAME", help=f"one of {', '.join(list_samplers())}")
     p.add_argument("--steps", type=steps_or_none, default=STEPS_NOT_GIVEN,
                    help="number of steps (default: 10; adaptive samplers choose their own: leave it out or 'none')")
@@ -104,15 +115,20 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("sweep", help="FID against NFE for several samplers: a Markdown table and a PNG plot",
                        description="FID (and KID) of several samplers at several step counts, one resumable fid run "
-                                   "per (sampler, steps) in its own sub-folder of --workdir (fixed-step samplers: an "
-                                   "adaptive one has no steps to sweep, use `diffsolve fid`). Prints a Markdown "
-                                   "table, optionally plots FID vs NFE.")
+                                   "per (sampler, steps) in its own sub-folder of --workdir. An adaptive sampler "
+                                   "(adaptive_sde) chooses its own steps: it is swept over its tolerance --rtol "
+                                   "instead, each point at its measured mean NFE. Prints a Markdown table, "
+                                   "optionally plots FID vs NFE.")
     p.add_argument("--model", default="digits16", help="'digits16', a diffusers folder or a hub id")
+    add_scheduler_config_arg(p)
     p.add_argument("--samplers", required=True, help=f"comma-separated sampler names: {', '.join(list_samplers())}")
     p.add_argument("--steps", type=_int_list, default=[5, 10, 20],
-                   help="comma-separated step counts (default: 5,10,20)")
+                   help="comma-separated step counts of the fixed-step samplers (default: 5,10,20)")
+    p.add_argument("--rtol", type=_tolerance_list, default=None,
+                   help="comma-separated relative tolerances of the adaptive samplers, e.g. 0.1,0.05,0.02 (needed "
+                        "when --samplers names one)")
     p.add_argument("--workdir", type=output_folder, required=True,
-                   help="one sub-folder per (sampler, steps); a rerun resumes")
+                   help="one sub-folder per (sampler, steps or rtol); a rerun resumes")
     p.add_argument("--out-md", type=output_file(".md"), default=None,
                    help="write the Markdown table here (it is printed too)")
     p.add_argument("--out-png", type=output_file(".png"), default=None,
@@ -214,6 +230,8 @@ def cmd_fid(args, options, parser) -> int:
         parser.error("give exactly one of --model (generate samples) and --images (a folder of PNGs)")
     if args.images is not None and options:
         parser.error(f"sampler options {sorted(options)} make no sense with --images")
+    if args.images is not None and args.scheduler_config is not None:
+        parser.error(f"--scheduler-config {args.scheduler_config} makes no sense with --images (no model is loaded)")
     if args.model is not None:
         spec = get_sampler(args.sampler)
         options = parse_options(spec, options)
@@ -229,7 +247,7 @@ def cmd_fid(args, options, parser) -> int:
         args.num = 10000 if args.num is None else args.num
         source = ModelSource(args.model, args.sampler, args.steps, options=options, seed_start=args.seed_start,
                              class_label=args.class_label, guidance=args.guidance, grid=args.grid, t_end=args.t_end,
-                             device=_device(args))
+                             device=_device(args), scheduler_config=args.scheduler_config)
     extractor, ref = _extractor_and_ref(args)
     if rank == 0:
         _warn_small_num(args, extractor)
@@ -290,8 +308,8 @@ def cmd_sweep(args, options, parser) -> int:
     extractor, ref = _extractor_and_ref(args)
     if rank == 0:
         _warn_small_num(args, extractor)
-    rows = sweep(args.model, samplers, args.steps, options=sampler_options, extractor=extractor, reference=ref,
-                 reference_name=args.ref,
+    rows = sweep(args.model, samplers, args.steps, rtols=args.rtol, options=sampler_options, extractor=extractor,
+                 reference=ref, reference_name=args.ref, scheduler_config=args.scheduler_config,
                  workdir=args.workdir, num=args.num, seed_start=args.seed_start, shard_size=args.shard_size,
                  batch_size=args.batch_size, device=_device(args), max_shards=args.max_shards,
                  kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, log=_log(args, rank),

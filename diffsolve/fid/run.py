@@ -103,26 +103,31 @@ def _write_json(path: Path, obj) -> None:
 
 
 # ---- image sources -------------------------------------------------------------------------------------
-def _model_fingerprint(model: str) -> str:
+def _model_fingerprint(model: str, scheduler_config: str | None = None) -> str:
     """SHA-256 over the model folder's configs and weights (so a retrained model is a new setting); the
-    source string itself for a hub id that is not a local folder."""
+    source string itself for a hub id that is not a local folder. A separate ``scheduler_config`` file is
+    hashed in too: the noise schedule decides the samples as much as the weights."""
     from ..loading import SHIPPED
 
     folder = SHIPPED.get(model, Path(model))
+    extra = "" if scheduler_config is None else f"+scheduler:{file_digest(Path(scheduler_config), 16)}"
     if not folder.is_dir():
-        return f"id:{model}"
+        return f"id:{model}{extra}"
     h = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")):
         h.update(str(path.relative_to(folder)).encode() + b"\0" + file_digest(path, 64).encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:16] + extra
 
 
 class ModelSource:
-    """Samples of a diffusion model: sample i from seed ``seed_start + i`` (loaded on first use)."""
+    """Samples of a diffusion model: sample i from seed ``seed_start + i`` (loaded on first use).
+    ``scheduler_config``: the path of a scheduler_config.json (or its folder) for a folder holding only a UNet
+    (see :func:`~diffsolve.load_model`)."""
 
     def __init__(self, model: str, sampler: str, steps: int | None, *, options: dict | None = None,
                  seed_start: int = 0, class_label: int | None = None, guidance: float = 1.0,
-                 grid: str | None = None, t_end: float | None = None, device: str | None = None):
+                 grid: str | None = None, t_end: float | None = None, device: str | None = None,
+                 scheduler_config: str | Path | None = None):
         from ..api import check_steps
         from ..registry import get_sampler
 
@@ -135,15 +140,22 @@ class ModelSource:
         self.model_name, self.sampler, self.steps, self.options = str(model), spec.name, steps, options
         self.seed_start, self.class_label, self.guidance = int(seed_start), class_label, float(guidance)
         self.grid, self.t_end, self.device = grid, t_end, device
+        if scheduler_config is not None:  # resolved, so that a resume from another folder finds the same file
+            from ..loading import scheduler_config_path
+
+            scheduler_config = str(scheduler_config_path(scheduler_config).resolve())
+        self.scheduler_config = scheduler_config
         self._model = None
         # hashed once: the settings must describe the weights that are loaded, even if the files change later
-        self.fingerprint = _model_fingerprint(self.model_name)
+        self.fingerprint = _model_fingerprint(self.model_name, self.scheduler_config)
 
     def settings(self) -> dict:
         return {"kind": "model", "model": self.model_name, "model_fingerprint": self.fingerprint,
                 "sampler": self.sampler, "steps": self.steps, "options": self.options, "seed_start": self.seed_start,
                 "class_label": self.class_label, "guidance": self.guidance, "grid": self.grid, "t_end": self.t_end,
-                "device_type": torch.device(self.device or "cpu").type}
+                "device_type": torch.device(self.device or "cpu").type,
+                # only when given, so that workdirs made before this setting existed still resume
+                **({} if self.scheduler_config is None else {"scheduler_config": self.scheduler_config})}
 
     def available(self) -> int | None:
         return None
@@ -158,8 +170,8 @@ class ModelSource:
             from ..loading import load_model
 
             device = None if torch.device(self.device or "cpu").type == "cpu" else self.device
-            model = load_model(self.model_name, device=device)
-            if _model_fingerprint(self.model_name) != self.fingerprint:
+            model = load_model(self.model_name, scheduler_config=self.scheduler_config, device=device)
+            if _model_fingerprint(self.model_name, self.scheduler_config) != self.fingerprint:
                 raise ValueError(f"the model files of {self.model_name!r} changed while this run started; run again")
             self._model = model
         return self._model

@@ -1,4 +1,5 @@
-"""NFE sweeps: FID of several samplers at several step counts, as a Markdown table and a FID-vs-NFE plot."""
+"""NFE sweeps: FID of several samplers at several step counts (adaptive samplers: several tolerances), as a Markdown
+table and a FID-vs-NFE plot."""
 
 from __future__ import annotations
 
@@ -26,39 +27,70 @@ def require_matplotlib():
     return plt
 
 
-def sweep(model: str, samplers: list[str], steps: list[int], *, options: dict[str, dict] | None = None,
-          extractor: FeatureExtractor,
+def check_tolerances(samplers: list[str], rtols: list[float] | None, options: dict[str, dict] | None = None) -> None:
+    """An adaptive sampler chooses its own steps, so a sweep varies its relative tolerance ``rtol`` instead:
+    ``rtols`` must be given exactly when ``samplers`` names one, and not also as a per-sampler option."""
+    import inspect
+
+    from ..registry import get_sampler
+
+    adaptive = [name for name in samplers if get_sampler(name).adaptive]
+    if adaptive and not rtols:
+        raise ValueError(f"--samplers {','.join(samplers)}: {', '.join(adaptive)} chooses its own steps, so the sweep "
+                         "varies its tolerance instead of --steps; give --rtol, e.g. --rtol 0.1,0.05,0.02 (each point "
+                         "is reported at its measured mean NFE)")
+    if rtols and not adaptive:
+        raise ValueError(f"--rtol {','.join(f'{r:g}' for r in rtols)}: sets the tolerance of adaptive samplers, and "
+                         f"--samplers {','.join(samplers)} names none; sweep fixed-step samplers with --steps")
+    for name in adaptive:
+        if "rtol" not in inspect.signature(get_sampler(name).fn).parameters:
+            raise ValueError(f"--samplers {name}: this adaptive sampler has no rtol option to sweep; evaluate it with "
+                             f"`diffsolve fid --sampler {name}`")
+        if "rtol" in (options or {}).get(name, {}):
+            raise ValueError(f"--option {name}:rtol={options[name]['rtol']}: the sweep sets {name}'s rtol from --rtol; "
+                             "leave this option out")
+
+
+def sweep(model: str, samplers: list[str], steps: list[int], *, rtols: list[float] | None = None,
+          options: dict[str, dict] | None = None, extractor: FeatureExtractor,
           reference: Statistics, reference_name: str, workdir: str | Path, num: int, seed_start: int = 0,
           shard_size: int = 1000, batch_size: int = 250, device: str | None = None, max_shards: int | None = None,
           kid_subsets: int = 100, kid_subset_size: int = 1000, log: Callable[[str], None] | None = None,
-          progress: bool = False) -> list[dict]:
-    """Run :func:`~diffsolve.fid.run.evaluate` for every (sampler, steps) pair, each in its own sub-workdir
-    ``workdir/<sampler>-<steps>`` (so the sweep resumes too). ``options`` maps a sampler name to its options. Returns one row dict per pair; ``fid`` is None
-    for a pair that ``max_shards`` left unfinished."""
+          progress: bool = False, scheduler_config: str | Path | None = None) -> list[dict]:
+    """Run :func:`~diffsolve.fid.run.evaluate` for every point of the sweep, each in its own sub-workdir (so
+    the sweep resumes too): a fixed-step sampler at every step count of ``steps`` (``workdir/<sampler>-<steps>``),
+    an adaptive one at every relative tolerance of ``rtols`` (``workdir/<sampler>-rtol<rtol>``; its NFE is the
+    measured mean). ``options`` maps a sampler name to its options. Returns one row dict per point; ``fid`` is
+    None for a point that ``max_shards`` left unfinished."""
     from ..registry import get_sampler
 
     if not samplers or not steps:
         raise ValueError("sweep: give at least one sampler and one step count")
-    for name in samplers:  # every sampler is checked before anything runs
-        if get_sampler(name).adaptive:
-            raise ValueError(f"sweep: sampler {name!r} chooses its own steps; sweep fixed-step samplers")
     for s in steps:
         if s < 1:
             raise ValueError(f"--steps: expected integers >= 1, got {s}")
     options = options or {}
-    sources = {(name, s): ModelSource(model, name, s, options=options.get(name), seed_start=seed_start, device=device)
-               for name in samplers for s in steps}
+    check_tolerances(samplers, rtols, options)  # every sampler is checked before anything runs
+    points = []  # (sampler, steps, rtol, sub-workdir name)
+    for name in samplers:
+        if get_sampler(name).adaptive:
+            points += [(name, None, r, f"{name}-rtol{r:g}") for r in rtols]
+        else:
+            points += [(name, s, None, f"{name}-{s}") for s in steps]
+    sources = [ModelSource(model, name, s, seed_start=seed_start, device=device, scheduler_config=scheduler_config,
+                           options={**options.get(name, {}), **({} if r is None else {"rtol": r})})
+               for name, s, r, _ in points]
     rows, shared_model = [], None
-    for (name, s), source in sources.items():
+    for (name, s, r, folder), source in zip(points, sources):
         if shared_model is not None:
             source._model = shared_model
         if log:
-            log(f"== {name}, {s} steps")
-        result = evaluate(source, extractor, reference, Path(workdir) / f"{name}-{s}", num=num, shard_size=shard_size,
+            log(f"== {name}, " + (f"{s} steps" if r is None else f"rtol {r:g}"))
+        result = evaluate(source, extractor, reference, Path(workdir) / folder, num=num, shard_size=shard_size,
                           batch_size=batch_size, max_shards=max_shards, kid_subsets=kid_subsets,
                           kid_subset_size=kid_subset_size, log=log, reference_name=reference_name, progress=progress)
         shared_model = source._model if source._model is not None else shared_model
-        row = {"sampler": name, "steps": s, "nfe": None, "fid": None, "kid": None, "kid_std": None,
+        row = {"sampler": name, "steps": s, "rtol": r, "nfe": None, "fid": None, "kid": None, "kid_std": None,
                "seconds_per_sample": None, "count": num}
         if isinstance(result, FIDResult):
             row.update(nfe=result.nfe, fid=result.fid, kid=result.kid, kid_std=result.kid_std,
@@ -70,16 +102,17 @@ def sweep(model: str, samplers: list[str], steps: list[int], *, options: dict[st
 
 
 def markdown_table(rows: list[dict], title: str | None = None) -> str:
-    """One line per (sampler, steps): NFE, FID, KID ± its std over subsets (×10³), compute seconds per sample (generation
-    and features, summed over the shards)."""
+    """One line per (sampler, steps or rtol): NFE (an adaptive sampler's measured mean), FID, KID ± its std over
+    subsets (×10³), compute seconds per sample (generation and features, summed over the shards)."""
     lines = [f"**{title}**", ""] if title else []
     lines += ["| sampler | steps | NFE | FID | KID×10³ | s / sample |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        steps = f"rtol {r['rtol']:g}" if r.get("rtol") is not None else r["steps"]
         nfe = "–" if r["nfe"] is None else f"{r['nfe']:g}"
         fid = f"unfinished ({r.get('done', '')})" if r["fid"] is None else f"{r['fid']:.3f}"
         kid = "–" if r["kid"] is None else f"{1e3 * r['kid']:.4g} ± {1e3 * r['kid_std']:.2g}"
         sps = "–" if r["seconds_per_sample"] is None else f"{r['seconds_per_sample']:.2e}"
-        lines.append(f"| {r['sampler']} | {r['steps']} | {nfe} | {fid} | {kid} | {sps} |")
+        lines.append(f"| {r['sampler']} | {steps} | {nfe} | {fid} | {kid} | {sps} |")
     return "\n".join(lines) + "\n"
 
 
