@@ -2,7 +2,7 @@
 not divide N = 1000: each step ends at timestep − N // steps, not at the next timestep evaluated), as
 ``ddim(step_to=...)``: DiffsolveScheduler from such a DDIMScheduler config reproduces diffusers' full loop
 (≤ 1e-5), and on the Gaussian-mixture oracle that rule stops converging where diffsolve's own rule (the default)
-converges at order 1."""
+converges at order 1 (at 7–30 steps diffusers' rule is not worse there: see that test's docstring)."""
 
 from __future__ import annotations
 
@@ -52,13 +52,16 @@ def test_step_to_is_checked():
         sample(gmm.as_model(), "ddim", 3, seeds=[0], step_to=[0.5, 0.2])
 
 
-def test_diffusers_rule_stops_converging_on_the_oracle():
+@pytest.mark.parametrize("mixture_seed", [0, 1, 2])
+def test_diffusers_rule_stops_converging_on_the_oracle(mixture_seed):
     """Exact PF-ODE solution of a mixture under diffusers' discrete schedule, trailing grids ending at ᾱ_0.
-    Measured (this setup): RMSE at 60 / 120 / 240 steps, diffsolve's rule 2.08e-2 / 1.06e-2 / 5.37e-3 (order
-    1), diffusers' rule 2.31e-2 / 2.07e-2 / 2.13e-2 (stalls: the skipped timesteps add up to a fixed time
-    shift). At 7–30 steps the two are within 6 % (diffusers' 1–6 % lower): the difference shows as steps grow."""
+    Measured (benchmarks/ddim_step_to.py, mixture seeds 0–2): over 60 / 120 / 240 steps diffsolve's rule
+    converges at order 1, diffusers' stalls (the skipped timesteps add up to a time shift that does not shrink)
+    and is 1.9–4.0× diffsolve's error at 240 steps. Not asserted because it does not hold: at 7–30 steps
+    diffusers' rule is 1–73 % *lower* (ratio 0.27–0.99); mixture seed 3 is left out because there neither rule
+    is in its asymptotic range below ~1000 steps (diffsolve's DDIM: 0.135 at 240 steps, 2.4e-3 at 3840)."""
     discrete = DiscreteVP(DDPMScheduler().alphas_cumprod.double())
-    gmm = GaussianMixture.random(4, 3, discrete, seed=0)
+    gmm = GaussianMixture.random(4, 3, discrete, seed=mixture_seed)
     x_T = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     exact = gmm.ode_solution(x_T, 1.0, 1.0 / discrete.num_train_timesteps)
     steps = [60, 120, 240]
@@ -70,6 +73,7 @@ def test_diffusers_rule_stops_converging_on_the_oracle():
             x = sample(gmm.as_model(), "ddim", n, x_T=x_T, grid=g.t, **options)
             errors[rule].append(((x - exact) ** 2).mean().sqrt().item())
     slope = {rule: -np.polyfit(np.log(steps), np.log(e), 1)[0] for rule, e in errors.items()}
+    # measured slopes: diffsolve 0.975–0.978, diffusers −0.36 … 0.06
     assert 0.85 <= slope["diffsolve"] <= 1.15, (slope, errors)
-    assert slope["diffusers"] <= 0.2, (slope, errors)
-    assert errors["diffusers"][-1] >= 3 * errors["diffsolve"][-1], errors
+    assert slope["diffusers"] <= 0.3, (slope, errors)
+    assert errors["diffusers"][-1] >= 1.5 * errors["diffsolve"][-1], errors
