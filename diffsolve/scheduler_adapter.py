@@ -574,8 +574,6 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step {k}: model_output has shape {tuple(model_output.shape)}, expected the latents' "
                              f"shape {tuple(sample.shape)} (or 2·{c} channels with a learned variance)")
         options = self._options_with_eta(eta)
-        if self._step_to is not None:  # diffusers' DDIM rule, on the steps of this run's part of the grid
-            options = {**options, "step_to": self._step_to[len(self._step_to) - (len(grid) - 1):].tolist()}
         if k == 0:
             self._run_times, self._first, self._run_options = times, first, options
             self._start(sample, generator, grid, times, options)
@@ -664,6 +662,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         run = Run(model, TimeGrid(self.schedule, grid), _GeneratorNoise(state, x_T.shape[0], x_T.device),
                   device=x_T.device)
         fn, options, inference = self.spec.fn, dict(options), torch.is_inference_mode_enabled()
+        if self._step_to is not None:  # diffusers' DDIM rule, on the steps of this run's part of the grid
+            options["step_to"] = self._step_to[len(self._step_to) - (len(grid) - 1):].tolist()
         stream = torch.cuda.current_stream(x_T.device) if x_T.is_cuda else None
 
         def work():

@@ -39,6 +39,26 @@ def test_skipping_ddim_config_reproduces_diffusers_full_loop(unet, prediction_ty
     assert rel(sample(model, "ddim", steps, x_T=X_T, grid=g.t), ref) > 1e-4
 
 
+@pytest.mark.parametrize("spacing,steps", [("trailing", 7), ("linspace", 30)])
+def test_skipping_ddim_config_from_a_begin_index_reproduces_diffusers(unet, spacing, steps):  # noqa: F811
+    """img2img: diffusers noises to timesteps[begin] and loops over the rest; the adapter runs ddim on the rest
+    of its grid with the matching part of step_to."""
+    theirs = DDIMScheduler(clip_sample=False, timestep_spacing=spacing)
+    ours = DiffsolveScheduler.from_config(theirs.config, sampler="ddim")
+    x0 = torch.randn(X_T.shape, generator=torch.Generator().manual_seed(5))
+    outs = []
+    for scheduler in (theirs, ours):
+        scheduler.set_timesteps(steps)
+        if scheduler is ours:
+            ours.set_begin_index(3)
+        x = scheduler.add_noise(x0, X_T, scheduler.timesteps[3:4])
+        with torch.no_grad():
+            for t in scheduler.timesteps[3:]:
+                x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        outs.append(x)
+    assert rel(outs[1], outs[0]) <= 1e-5, f"relative difference {rel(outs[1], outs[0]):.2e}"
+
+
 def test_skip_with_a_last_step_from_timestep_0_is_a_clear_error():
     ours = DiffsolveScheduler.from_config(DDIMScheduler(timestep_spacing="linspace", set_alpha_to_one=False).config,
                                           sampler="ddim")
