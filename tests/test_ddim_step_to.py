@@ -16,8 +16,7 @@ from diffsolve.diffusers_grids import diffusers_grid
 from diffsolve.schedules import DiscreteVP
 from diffsolve.testing import GaussianMixture
 
-from test_scheduler_contract import X_T, loop, rel  # noqa: F401 (unet is its fixture)
-from test_scheduler_contract import unet  # noqa: F401
+from test_scheduler_contract import X_T, loop, rel, unet  # noqa: F401 (unet: that module's tiny-UNet fixture)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
