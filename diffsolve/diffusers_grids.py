@@ -42,11 +42,14 @@ class DiffusersGrid:
     evaluations, as diffusers feeds it (float64 holding integers). Where diffusers' last step has length zero
     (it ends at ᾱ_0 after evaluating the network there, or repeats its last σ) ``zero_final`` is True: ``t``
     leaves that step out (it ends where diffusers' last step starts, and has one point fewer) while
-    ``timesteps`` keeps diffusers' evaluation there; that step leaves x unchanged in every sampler."""
+    ``timesteps`` keeps diffusers' evaluation there; that step leaves x unchanged in every sampler.
+    ``step_to``: where diffusers' DDIM ends its steps elsewhere than at the next grid point (trailing / linspace
+    spacing at step counts that do not divide N), the time each step ends at, for ``ddim(step_to=...)``."""
 
     t: torch.Tensor
     timesteps: torch.Tensor
     zero_final: bool = False
+    step_to: torch.Tensor | None = None
 
 
 def _spaced_timesteps(rules: str, n_train: int, steps: int, spacing: str, offset: int, last: int) -> np.ndarray:
@@ -158,19 +161,22 @@ def diffusers_grid(schedule: DiscreteVP, steps: int, rules: str, config: dict) -
     ts = _spaced_timesteps(rules, n_train, steps, spacing, offset, last)
     t_end = 0.0 if final == "zero" else 1.0 / n_train
     t = torch.cat([schedule.timestep_to_t(torch.from_numpy(ts.copy())), torch.tensor([t_end], dtype=torch.float64)])
+    step_to = None
     if rules == "DDIMScheduler":
-        # DDIM steps from each timestep to timestep − N // steps, whatever timestep comes next
+        # DDIM steps from each timestep to timestep − N // steps (below 0: its final ᾱ), whatever comes next
         prev = ts - n_train // steps
-        nxt = np.concatenate([ts[1:], [-1]])
-        if ((prev >= 0) & (prev != nxt)).any():
-            raise ValueError(f"diffusers' DDIM with timestep_spacing={spacing!r} at {steps} steps steps from each "
-                             f"timestep to timestep − {n_train // steps}, which is not the next timestep it evaluates "
-                             f"({ts.tolist()}): it skips part of the trajectory; a diffsolve grid steps through every "
-                             "point (use another step count or spacing)")
+        if (prev[:-1] != ts[1:]).any() or prev[-1] >= 0:
+            if ts[-1] == 0 and t_end > 0:
+                raise ValueError(f"diffusers' DDIM with timestep_spacing={spacing!r} at {steps} steps skips part of the "
+                                 f"trajectory (it steps from each timestep to timestep − {n_train // steps}, not to the "
+                                 "next one it evaluates) and then takes a last step from timestep 0 to ᾱ_0, which a "
+                                 "diffsolve grid cannot hold: use set_alpha_to_one=True or another step count")
+            step_to = torch.cat([schedule.timestep_to_t(torch.from_numpy(prev[prev >= 0].copy())),
+                                 torch.full(((prev < 0).sum(),), t_end, dtype=torch.float64)])
     zero_final = bool(t[-1] == t[-2])
     _check_zero_final(rules, zero_final)
     t = t[:-1] if zero_final else t
     if not bool((t[1:] < t[:-1]).all()):
         raise ValueError(f"{rules} with this config at {steps} steps repeats a timestep ({ts.tolist()}): a step of zero "
                          "length inside the grid, which a diffsolve grid cannot hold")
-    return DiffusersGrid(t, torch.from_numpy(ts.astype(np.float64)), zero_final)
+    return DiffusersGrid(t, torch.from_numpy(ts.astype(np.float64)), zero_final, step_to)

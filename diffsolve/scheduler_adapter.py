@@ -292,6 +292,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._traces: dict[int, tuple] = {}
         self._timesteps_host: list[float] = []
         self._zero_final = False
+        self._step_to: Tensor | None = None
         self._begin_index: int | None = None
         self._state = _RunState(None)
         self._reset_run()
@@ -356,8 +357,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         ends_at_one = rules is None or grid_options(rules, self._grid_config())[3] == "zero"
         return 0.0 if ends_at_one else 1.0 / self.schedule.num_train_timesteps
 
-    def _plan(self, steps, timesteps, sigmas) -> tuple[Tensor, Tensor | None, bool]:
-        """(the grid, the network's timestep at each grid point or None for the schedule's, zero_final)."""
+    def _plan(self, steps, timesteps, sigmas) -> tuple[Tensor, Tensor | None, bool, Tensor | None]:
+        """(the grid, the network's timestep at each grid point or None for the schedule's, zero_final, the time
+        each step ends at where diffusers' DDIM ends it off the grid, for ddim's ``step_to``, else None)."""
         n_train = self.schedule.num_train_timesteps
         if timesteps is not None or sigmas is not None:
             if self.config.grid is not None or self.config.t_start is not None or self.config.t_end is not None:
@@ -383,14 +385,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 network = None
             t = torch.cat([t, torch.tensor([self._final_time()], dtype=torch.float64)])
             zero_final = bool(t[-1] == t[-2])
-            return (t[:-1] if zero_final else t), network, zero_final
+            return (t[:-1] if zero_final else t), network, zero_final, None
         check_steps(steps, False, self.spec.name)
         if self.config.diffusers_grid is not None:
             g = diffusers_grid(self.schedule, int(steps), self.config.diffusers_grid, self._grid_config())
-            return g.t, g.timesteps, g.zero_final
+            return g.t, g.timesteps, g.zero_final, g.step_to if "step_to" in self.spec.options else None
         grid = _resolve_grid(self._model, int(steps), self.config.grid, self.config.t_start, self.config.t_end,
                              self.spec.default_grid)
-        return grid, None, False
+        return grid, None, False, None
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps=None, sigmas=None, **kwargs):
@@ -409,17 +411,17 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         custom = timesteps is not None or sigmas is not None
         key = num_inference_steps if not custom else None
         if key is None or key not in self._traces:  # pipelines call set_timesteps on every run: trace each once
-            grid, network, zero_final = self._plan(num_inference_steps, timesteps, sigmas)
+            grid, network, zero_final, step_to = self._plan(num_inference_steps, timesteps, sigmas)
             times = self._trace(grid)
             evaluations = self._network_timesteps(grid, network, times)
             if zero_final:  # diffusers evaluates the network once more, for a step of length zero
                 evaluations = torch.cat([evaluations, evaluations.new_tensor([float(network[-1])])])
-            plan = (grid, times, evaluations, zero_final)
+            plan = (grid, times, evaluations, zero_final, step_to)
             if key is not None:
                 self._traces[key] = plan
         else:
             plan = self._traces[key]
-        self._grid, self._times, timesteps_out, self._zero_final = plan
+        self._grid, self._times, timesteps_out, self._zero_final, self._step_to = plan
         self.num_inference_steps = len(self._grid) - 1 + self._zero_final
         self._timesteps_host = timesteps_out.tolist()
         self.timesteps = timesteps_out.to(device)
@@ -660,6 +662,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         run = Run(model, TimeGrid(self.schedule, grid), _GeneratorNoise(state, x_T.shape[0], x_T.device),
                   device=x_T.device)
         fn, options, inference = self.spec.fn, dict(options), torch.is_inference_mode_enabled()
+        if self._step_to is not None:  # diffusers' DDIM rule, on the steps of this run's part of the grid
+            options["step_to"] = self._step_to[len(self._step_to) - (len(grid) - 1):].tolist()
         stream = torch.cuda.current_stream(x_T.device) if x_T.is_cuda else None
 
         def work():

@@ -5,12 +5,21 @@
 from t to s < t, with x̂0, ε̂ the model's predictions at (x_t, t) and z ~ N(0, I). η = 0 is the
 deterministic DDIM (the first-order exponential integrator of the probability-flow ODE), η = 1 is
 ancestral DDPM sampling. c is written for any (α, σ) schedule; for VP it is diffusers' η·√((1−ᾱ_s)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_s).
+
+``step_to`` reproduces diffusers' DDIMScheduler where it is not this rule: diffusers steps from timestep n to
+n − N // steps whatever timestep it evaluates next, so with trailing / linspace spacing at step counts that do
+not divide N the step ends at s_i ≠ t_{i+1}, and the next evaluation feeds the network at t_{i+1} a sample that
+sits at s_i (part of the trajectory is skipped). Off by default: each step ends at the next grid point.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
+
+from ..core import TimeGrid
 from ..model import Prediction
 from ..registry import register_inversion, register_sampler
 
@@ -30,16 +39,27 @@ def ddim_noise_scale(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: fl
 
 
 @register_sampler("ddim", default_grid="time_uniform")
-def ddim(run, x, *, eta: float = 0.0):
-    """DDIM (Song et al. 2021, eq. 12); eta = 0 deterministic, eta = 1 ancestral DDPM."""
+def ddim(run, x, *, eta: float = 0.0, step_to: Sequence[float] | None = None):
+    """DDIM (Song et al. 2021, eq. 12); eta = 0 deterministic, eta = 1 ancestral DDPM. ``step_to``: the time
+    each step ends at, one per step (diffusers' DDIMScheduler rule where it skips; see the module docstring);
+    None: the next grid point."""
     if eta < 0:
         raise ValueError(f"eta: expected >= 0, got {eta}")
     g = run.grid
+    if step_to is None:
+        alpha_to, sigma_to = g.alpha[1:], g.sigma[1:]
+    else:
+        ends = np.asarray(step_to, dtype=np.float64)
+        if ends.shape != (g.steps,) or not ((ends >= 0) & (ends < g.t[:-1])).all():
+            raise ValueError(f"step_to: expected {g.steps} times, each in [0, t_i) of its step's start t_i "
+                             f"({g.t[:-1].tolist()}), got {np.asarray(step_to).tolist()}")
+        ends_grid = TimeGrid(g.schedule, ends)
+        alpha_to, sigma_to = ends_grid.alpha, ends_grid.sigma
     # (α_s, √(σ_s² − c²), c) of every step, on the host before the loop
     coefficients = []
     for i in range(g.steps):
-        c = ddim_noise_scale(float(g.alpha[i]), float(g.sigma[i]), float(g.alpha[i + 1]), float(g.sigma[i + 1]), eta)
-        coefficients.append((float(g.alpha[i + 1]), math.sqrt(float(g.sigma[i + 1]) ** 2 - c**2), c))
+        c = ddim_noise_scale(float(g.alpha[i]), float(g.sigma[i]), float(alpha_to[i]), float(sigma_to[i]), eta)
+        coefficients.append((float(alpha_to[i]), math.sqrt(float(sigma_to[i]) ** 2 - c**2), c))
     for i in run.steps("ddim"):
         pred = run.predict(x, i)
         alpha_s, eps_coef, c = coefficients[i]
