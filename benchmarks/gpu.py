@@ -117,8 +117,9 @@ def rows_for(model: DiffusionModel, compiled_unet, batch: int, dtype: torch.dtyp
             pipe = DDPMPipeline(unet=pipe_unet, scheduler=scheduler)
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator(device).manual_seed(0)
+            # "pt": the pipeline's numpy conversion fails on half-precision images (its state is in the UNet's dtype)
             run = lambda: pipe(batch_size=batch, num_inference_steps=steps, generator=generator,  # noqa: E731
-                               output_type="np")
+                               output_type="pt")
             rows.append((label, batch / best_seconds(run, repeats, device)))
     return rows
 

@@ -73,8 +73,9 @@ def network_tables(args, device, unet, model, x, names, options, config, diffuse
     for label, nfe, wall, ratio in rows:
         print(f"| {label} | {nfe} | {wall:.4f} | {ratio:.3f} |")
     ref = {r[0]: r[3] for r in rows}
-    print(f"\nratio diffsolve dpm_solver_pp / diffusers DPMSolverMultistepScheduler: "
-          f"{ref['diffsolve dpm_solver_pp'] / ref['diffusers DPMSolverMultistepScheduler']:.3f}")
+    if "diffsolve dpm_solver_pp" in ref:  # the like-for-like pair, when --samplers includes it
+        print(f"\nratio diffsolve dpm_solver_pp / diffusers DPMSolverMultistepScheduler: "
+              f"{ref['diffsolve dpm_solver_pp'] / ref['diffusers DPMSolverMultistepScheduler']:.3f}")
 
     # the samplers' own cost, free of the network's timing noise: the same runs over a network that costs
     # nothing (ε̂ = 0), so the wall time is the sampler's update arithmetic, grid, noise and bookkeeping

@@ -6,6 +6,7 @@ shipped ``digits16`` model and guided-diffusion checkpoints (:mod:`diffsolve.adm
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
     ``use_new_attention_order``, ``noise_schedule``, and optionally ``preset``); by default the presets that fit
     the state dict supply them. ``prediction`` overrides the scheduler config's ``prediction_type``.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source: expected 'digits16', a folder, a hub id or a .pt/.pth file, got a "
+                        f"{type(source).__name__}; wrap a network already in memory with DiffusionModel(net, schedule)")
     source_str = str(source)
     if Path(source_str).is_file() or Path(source_str).suffix in (".pt", ".pth"):
         from .adm import load_adm
