@@ -53,6 +53,8 @@ def test_errors(tmp_path, pipeline_dir):
         load_model("no/such/folder/here")
     with pytest.raises(FileNotFoundError, match="could not fetch the hub model 'someone/some-model'.*local folder"):
         load_model("someone/some-model")
+    with pytest.raises(TypeError, match=r"source: expected .*got a UNet2DModel; wrap .* DiffusionModel\(net, schedule\)"):
+        load_model(make_tiny_unet())
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a diffusers pipeline folder"):
         load_model(tmp_path / "empty")
