@@ -75,6 +75,8 @@ class NoiseSchedule:
         schedule's marginals: f = d log α/dt, g² = dσ²/dt − 2 f σ² = −2 σ² dλ/dt."""
         t64 = _f64(t)
         f = self._dlog_alpha_dt(t64)
+        if self.is_vp:  # σ² = 1 − α² makes g² = −2α²f − 2fσ² = −2f (= β), without evaluating σ at all
+            return _like(f, t), _like(-2 * f, t)
         dlam = f - self._dlog_sigma_dt(t64)
         g2 = -2 * torch.exp(2 * self._log_sigma(t64)) * dlam
         return _like(f, t), _like(g2, t)
