@@ -346,7 +346,7 @@ class DiffusionModel:
         out = self.output(x, t, class_labels, guidance_scale, None if known is None else known.net_time)
         if known is not None:
             return _convert(self.prediction, x, out, known.alpha, known.sigma)
-        alpha, sigma = _expand(self.schedule.alpha(t), x).to(x.dtype), _expand(self.schedule.sigma(t), x).to(x.dtype)
+        alpha, sigma = (_expand(c, x).to(x.dtype) for c in self.schedule.alpha_sigma(t))
         return _convert(self.prediction, x, out, alpha, sigma)
 
     def __repr__(self) -> str:

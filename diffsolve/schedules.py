@@ -27,6 +27,11 @@ def _f64(t) -> Array:
     return torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Array) else t.to(torch.float64)
 
 
+def _vp_log_sigma(log_alpha: Array) -> Array:
+    """log σ of a VP schedule from log α: σ² = 1 − α², written so that small t keeps its precision."""
+    return 0.5 * torch.log(-torch.expm1(2 * log_alpha))
+
+
 def _like(out: Array, t) -> Array:
     if isinstance(t, Array) and t.is_floating_point():
         return out.to(t.dtype)
@@ -53,6 +58,13 @@ class NoiseSchedule:
 
     def sigma(self, t) -> Array:
         return _like(torch.exp(self._log_sigma(_f64(t))), t)
+
+    def alpha_sigma(self, t) -> tuple[Array, Array]:
+        """α(t) and σ(t) from one evaluation of log α (a per-sample-time prediction needs both)."""
+        t64 = _f64(t)
+        log_alpha = self._log_alpha(t64)
+        log_sigma = _vp_log_sigma(log_alpha) if self.is_vp else self._log_sigma(t64)
+        return _like(torch.exp(log_alpha), t), _like(torch.exp(log_sigma), t)
 
     def lambda_(self, t) -> Array:
         t64 = _f64(t)
@@ -97,8 +109,8 @@ class NoiseSchedule:
 
     # ---- defaults for subclasses --------------------------------------------------------------------
     def _log_sigma(self, t: Array) -> Array:
-        if self.is_vp:  # σ² = 1 − α², written so that small t keeps its precision
-            return 0.5 * torch.log(-torch.expm1(2 * self._log_alpha(t)))
+        if self.is_vp:
+            return _vp_log_sigma(self._log_alpha(t))
         raise NotImplementedError
 
     def _dlog_sigma_dt(self, t: Array) -> Array:

@@ -122,3 +122,13 @@ def test_grid_errors():
         sch.check_range(0.5, 0.6)
     with pytest.raises(ValueError, match="valid time range"):
         sch.check_range(1.5, 0.1)
+
+
+@pytest.mark.parametrize("schedule", vp_schedules() + [EDM()], ids=repr)
+def test_alpha_sigma_equals_the_separate_evaluations(schedule):
+    lo, hi = schedule.valid_range
+    t = torch.linspace(lo, hi, 11, dtype=torch.float64)
+    alpha, sigma = schedule.alpha_sigma(t)
+    assert torch.equal(alpha, schedule.alpha(t)) and torch.equal(sigma, schedule.sigma(t))
+    alpha32, sigma32 = schedule.alpha_sigma(t.float())
+    assert alpha32.dtype == sigma32.dtype == torch.float32 and torch.equal(sigma32, schedule.sigma(t.float()))
