@@ -5,6 +5,7 @@ posterior samples, their spread and the digit classifier's verdict, with NFE and
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/inverse.py [--num 32] [--samples 4] [--tasks sr4 ...]
         [--methods dps dds daps_100 daps_1k] [--dds-steps 50] [--device cpu] [--json rows.json]
     python benchmarks/inverse.py --table rows1.json rows2.json ...     # the tables of saved runs, merged
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/inverse.py --speed 3 --num 8 --tasks mri4 ct ...   # DPS/DDS
 
 Held-out test digits (``digits("test")``, the first ``--num``), each task's preset (operator with mask seed 0,
 σ_y, solver hyperparameters and DDS's step count: ``diffsolve.inverse.tasks``), measurement noise seeds
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -70,12 +72,39 @@ def scores(task, samples: torch.Tensor, clean: torch.Tensor, labels: torch.Tenso
                 class_acc=hits.mean(0))
 
 
-def run_task(model, name, clean, labels, methods, samples, dds_steps, device):
+def task_measurement(model, name, clean):
+    """(task, operator, noise, y): the task's preset operator (mask seed 0) and its measurement of ``clean``."""
     task = get_task(name)
     op = task.operator(model.sample_shape, seed=0)
     noise = task.noise()
+    return task, op, noise, measure(op, clean.double(), noise, seed=1000)
+
+
+def speed_ratios(model, names, clean, repeats: int, device) -> None:
+    """DPS (1000 steps) against DDS (the preset's steps) in CPU time, both timed in this process, alternating,
+    ``repeats`` times per task on the same measurements: the ratio of each pair, median and range."""
+    print("| task | DDS steps | DPS CPU (s) | DDS CPU (s) | DPS / DDS, median | range |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        task, op, noise, y = task_measurement(model, name, clean)
+        if not op.linear:
+            continue
+        steps = task.solver_steps("dds") or DDS_DEFAULT_STEPS
+        seeds, y = range(len(clean)), y.to(device)
+        times = {"dps": [], "dds": []}
+        for _ in range(repeats):
+            for method, method_steps in (("dps", task.solver_steps("dps")), ("dds", steps)):
+                cpu = time.process_time()
+                solve(model, op, y, method, noise=noise, steps=method_steps, seeds=seeds, **task.solver_options(method))
+                times[method].append(time.process_time() - cpu)
+        ratios = sorted(a / b for a, b in zip(times["dps"], times["dds"]))
+        print(f"| {name} | {steps} | {statistics.median(times['dps']):.2f} | {statistics.median(times['dds']):.3f} | "
+              f"{statistics.median(ratios):.0f}× | {ratios[0]:.0f}–{ratios[-1]:.0f}× |", flush=True)
+
+
+def run_task(model, name, clean, labels, methods, samples, dds_steps, device):
+    task, op, noise, y = task_measurement(model, name, clean)
     num = len(clean)
-    y = measure(op, clean.double(), noise, seed=1000)
     ref = clean.to(device)
     rows = [dict(task=name, method="pinv", steps=0, nfe=0, cpu=float("nan"), wall=float("nan"),
                  **scores(task, op.A_pinv(y).float()[None], clean, labels))]
@@ -159,6 +188,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file (a new file)")
     ap.add_argument("--table", nargs="+", default=None, help="print the tables of these saved JSON files instead")
+    ap.add_argument("--speed", type=int, default=None, metavar="REPEATS",
+                    help="instead: DPS against DDS in CPU time, timed alternately in this process REPEATS times per "
+                         "task on --num digits, K = 1 (the ratio the DDS target needs, free of other runs' load)")
     args = ap.parse_args()
 
     if args.table:
@@ -177,6 +209,11 @@ def main() -> None:
         get_task(name)
     model = load_model("digits16", device=args.device)
     clean, labels = (v[: args.num] for v in digits("test"))
+    if args.speed:
+        print(f"digits16, {len(clean)} held-out digits, K = 1, device {args.device}, torch threads "
+              f"{torch.get_num_threads()}, {args.speed} alternating repeats\n")
+        speed_ratios(model, args.tasks, clean, args.speed, args.device)
+        return
     print(f"digits16, {len(clean)} held-out test digits, K = {args.samples} samples each, device {args.device}, "
           f"torch threads {torch.get_num_threads()}\n")
     rows = []
