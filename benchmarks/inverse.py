@@ -80,11 +80,12 @@ def task_measurement(model, name, clean):
     return task, op, noise, measure(op, clean.double(), noise, seed=1000)
 
 
-def speed_ratios(model, names, clean, repeats: int, device) -> None:
+def speed_ratios(model, names, clean, repeats: int, device) -> list:
     """DPS (1000 steps) against DDS (the preset's steps) in CPU time, both timed in this process, alternating,
     ``repeats`` times per task on the same measurements: the ratio of each pair, median and range."""
     print("| task | DDS steps | DPS CPU (s) | DDS CPU (s) | DPS / DDS, median | range |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for name in names:
         task, op, noise, y = task_measurement(model, name, clean)
         if not op.linear:
@@ -100,6 +101,8 @@ def speed_ratios(model, names, clean, repeats: int, device) -> None:
         ratios = sorted(a / b for a, b in zip(times["dps"], times["dds"]))
         print(f"| {name} | {steps} | {statistics.median(times['dps']):.2f} | {statistics.median(times['dds']):.3f} | "
               f"{statistics.median(ratios):.0f}× | {ratios[0]:.0f}–{ratios[-1]:.0f}× |", flush=True)
+        rows.append(dict(task=name, method="speed", dds_steps=steps, ratios=ratios, num=len(clean)))
+    return rows
 
 
 def run_task(model, name, clean, labels, methods, samples, dds_steps, device):
@@ -157,7 +160,11 @@ def print_table(rows) -> None:
               f"{mean_se(r['class_acc'])[0]:.2f} | {mean_se(r['ssim'])[0]:.3f} | {r['nfe']} | {r['cpu']:.2f} |")
 
 
-def print_dds_table(rows) -> None:
+def print_dds_table(rows, speed: dict) -> None:
+    """DDS against DPS per task: paired PSNR differences from the quality runs, and the CPU-time ratio measured
+    by ``--speed`` (both timed in one process) for the preset's step count; another step count's ratio is that
+    one scaled by the step counts (≈). Without a ``--speed`` row, the quotient of the runs' own CPU times (from
+    separate runs, so under whatever load each had) is shown in parentheses and no verdict is given."""
     print("| task | DDS run | DDS − DPS, 1 sample (dB) | DDS − DPS, mean of K (dB) | DPS CPU / DDS CPU | target "
           f"(≥ {TARGET_DB:+.1f} dB at ≥ {TARGET_RATIO:.0f}×) |")
     print("|---|---|---|---|---|---|")
@@ -170,11 +177,39 @@ def print_dds_table(rows) -> None:
             d = mean_se(torch.tensor(r["psnr"]) - torch.tensor(dps["psnr"]))
             same_k = r.get("samples", 1) == dps.get("samples", 1) > 1
             dm = mean_se(torch.tensor(r["psnr_mean"]) - torch.tensor(dps["psnr_mean"])) if same_k else None
-            ratio = dps["cpu"] / r["cpu"]
-            verdict = "holds" if d[0] >= TARGET_DB and ratio >= TARGET_RATIO else "fails"
+            if name in speed:
+                measured = speed[name]
+                ratio = statistics.median(measured["ratios"]) * measured["dds_steps"] / r["steps"]
+                shown = f"{'' if r['steps'] == measured['dds_steps'] else '≈ '}{ratio:.0f}×"
+                verdict = "holds" if d[0] >= TARGET_DB and ratio >= TARGET_RATIO else "fails"
+            else:
+                shown, verdict = f"({dps['cpu'] / r['cpu']:.0f}×)", "—"
             print(f"| {name} | {label(r)}{' (preset)' if r['steps'] == r.get('preset_steps') else ''} | "
-                  f"{d[0]:+.2f} ± {d[1]:.2f} | {f'{dm[0]:+.2f} ± {dm[1]:.2f}' if dm else '—'} | {ratio:.0f}× | "
+                  f"{d[0]:+.2f} ± {d[1]:.2f} | {f'{dm[0]:+.2f} ± {dm[1]:.2f}' if dm else '—'} | {shown} | "
                   f"{verdict} |")
+
+
+def print_daps_table(rows) -> None:
+    """DAPS against DPS per task, paired over the digits: one-sample PSNR, mean-of-K PSNR (same K) and the
+    class accuracy, each as DAPS − DPS with its standard error; "wins" when the difference exceeds 2 s.e."""
+    def verdict(d):
+        return "DAPS" if d[0] > 2 * d[1] else "DPS" if d[0] < -2 * d[1] else "tie"
+
+    print("| task | DAPS run | Δ PSNR, 1 sample (dB) | better | Δ PSNR, mean of K (dB) | better | Δ class acc. | better |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in dict.fromkeys(r["task"] for r in rows):
+        dps = next((r for r in rows if r["task"] == name and r["method"] == "dps"), None)
+        for r in (r for r in rows if r["task"] == name and r["method"].startswith("daps")):
+            if dps is None:
+                continue
+            cells = []
+            for key in ("psnr", "psnr_mean", "class_acc"):
+                if key == "psnr_mean" and not r.get("samples", 1) == dps.get("samples", 1) > 1:
+                    cells += ["—", "—"]
+                    continue
+                d = mean_se(torch.tensor(r[key]) - torch.tensor(dps[key]))
+                cells += [f"{d[0]:+.2f} ± {d[1]:.2f}" if key != "class_acc" else f"{d[0]:+.3f} ± {d[1]:.3f}", verdict(d)]
+            print(f"| {name} | {label(r)} | {' | '.join(cells)} |")
 
 
 def main() -> None:
@@ -197,13 +232,17 @@ def main() -> None:
         # the preset's DDS step count from tasks.py, so runs made with every count before it was chosen tabulate
         rows = [{**r, "preset_steps": get_task(r["task"]).solver_steps("dds") or DDS_DEFAULT_STEPS}
                 for path in args.table for r in json.load(open(path))]
+        speed = {r["task"]: r for r in rows if r["method"] == "speed"}
+        rows = [r for r in rows if r["method"] != "speed"]
         # a task's methods may come from runs with different K: keep one copy of its yardsticks
         seen = set()
         rows = [r for r in rows if r["method"] not in ("pinv", "prior")
                 or not ((r["task"], r["method"]) in seen or seen.add((r["task"], r["method"])))]
         print_table(rows)
         print()
-        print_dds_table(rows)
+        print_dds_table(rows, speed)
+        print()
+        print_daps_table(rows)
         return
     for name in args.tasks:
         get_task(name)
@@ -212,7 +251,9 @@ def main() -> None:
     if args.speed:
         print(f"digits16, {len(clean)} held-out digits, K = 1, device {args.device}, torch threads "
               f"{torch.get_num_threads()}, {args.speed} alternating repeats\n")
-        speed_ratios(model, args.tasks, clean, args.speed, args.device)
+        rows = speed_ratios(model, args.tasks, clean, args.speed, args.device)
+        if args.json:
+            atomic_write(args.json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
         return
     print(f"digits16, {len(clean)} held-out test digits, K = {args.samples} samples each, device {args.device}, "
           f"torch threads {torch.get_num_threads()}\n")
@@ -226,7 +267,7 @@ def main() -> None:
             print(flush=True)
     print_table(rows)
     print()
-    print_dds_table(rows)
+    print_dds_table(rows, {})
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
 

@@ -15,6 +15,13 @@ For each σ_i of the annealing schedule (σ_max → σ_min, EDM's ρ = 7 polynom
    image task presets set it;
 3. x_{σ_{i+1}} = x_0 + σ_{i+1} z (σ = 0 after the last step: the result is the last Langevin state).
 
+The official code's other Monte-Carlo variants (``cores/mcmc.py``), as options: ``mc="hmc"`` (its damped
+Hamiltonian Monte Carlo: v ← m v + √ℓ s(x) + √(2(1 − m)) z, x ← x + √ℓ v, with v ~ N(0, I) at each annealing
+step and m = ``momentum``), and ``prior="exact"`` (the prior term of p(x_0 | x_{σ_i}) from the network's score
+at σ = ``prior_sigma_min`` instead of the Gaussian N(x̂0, σ_i²): s(x) = data term + (x_{σ_i} − x)/σ_i² +
+(D(x, σ_min) − x)/σ_min², one network evaluation per Langevin step, counted in NFE). Neither is a preset
+default: on training digits neither beats the Langevin/Gaussian pair (benchmarks/RESULTS.md).
+
 Presets: ``daps`` = ``daps_1k`` (200 annealing × 5 ODE steps = 1000 NFE) and ``daps_100`` (50 × 2 = 100 NFE),
 both with 100 Langevin steps. NFE counts network evaluations only; the Langevin steps cost operator
 applications.
@@ -40,6 +47,12 @@ import numpy as np
 import torch
 
 from .registry import check_number, register_solver
+
+
+#: ``mc`` values: unadjusted Langevin (the paper's) and the official code's damped HMC
+MC_ALGORITHMS = ("langevin", "hmc")
+#: ``prior`` values: the Gaussian N(x̂0, σ_i²) (the paper's) and the official code's "exact" network score
+PRIORS = ("gaussian", "exact")
 
 
 def _poly(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -90,6 +103,12 @@ def _validate(options, problem) -> None:
     check_number(options, "sigma_max", low=0.0, low_open=True)
     check_number(options, "sigma_min", low=0.0, low_open=True)
     check_number(options, "ode_sigma_min", low=0.0, low_open=True)
+    check_number(options, "momentum", low=0.0, high=1.0, low_open=False)
+    check_number(options, "prior_sigma_min", low=0.0, low_open=True)
+    if options["mc"] not in MC_ALGORITHMS:
+        raise ValueError(f"mc: expected one of {list(MC_ALGORITHMS)}, got {options['mc']!r}")
+    if options["prior"] not in PRIORS:
+        raise ValueError(f"prior: expected one of {list(PRIORS)}, got {options['prior']!r}")
     if not options["sigma_max"] > options["sigma_min"]:
         raise ValueError(f"sigma_max must exceed sigma_min, got {options['sigma_max']} and {options['sigma_min']}")
     if options["tau"] is None and problem.sigma_y == 0:
@@ -100,7 +119,8 @@ def _validate(options, problem) -> None:
 @register_solver("daps", default_steps=200, steps_meaning="annealing steps", validate=_validate, grid=_grid)
 def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: float | None = None,
          lr_min_ratio: float = 0.01, tau: float | None = None, sigma_max: float = 100.0, sigma_min: float = 0.1,
-         ode_sigma_min: float = 0.01):
+         ode_sigma_min: float = 0.01, mc: str = "langevin", momentum: float = 0.9, prior: str = "gaussian",
+         prior_sigma_min: float = 0.01):
     """DAPS (Zhang et al. 2025): annealing; Euler PF-ODE for x̂0; Langevin on x0 with the likelihood; re-noise."""
     schedule = run.grid.schedule
     steps = run.grid.steps
@@ -114,6 +134,11 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
     a_inner = schedule.alpha(t_inner).numpy()
     device = run.noise.device
     t_dev = t_inner.to(device=device, dtype=run.dtype)
+    if prior == "exact":  # the network's denoiser at σ_min: D(x, σ) = x̂0 of α·x at the t where σ_t/α_t = σ
+        prior_sigma = max(float(prior_sigma_min), ve_min)
+        t_prior = _times(schedule, np.array([prior_sigma]))
+        a_prior = float(schedule.alpha(t_prior))
+        t_prior = t_prior.to(device=device, dtype=run.dtype)
 
     tau = problem.sigma_y if tau is None else float(tau)
     w_max = 1.0 if problem.weight is None else float(problem.weight.max())
@@ -139,9 +164,20 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
         if langevin_steps > 0:
             zs = run.noise.normal((langevin_steps, *run.sample_shape), step=i, sub=0, dtype=run.dtype)
         xl = x0hat
+        if mc == "hmc":
+            velocity = run.noise.normal(run.sample_shape, step=i, sub=2, dtype=run.dtype)
         for k in range(langevin_steps):
-            drift = -problem.data_grad(xl) / tau**2 + (x0hat - xl) / sigma**2
-            xl = xl + ell * drift + math.sqrt(2 * ell) * zs[:, k]
+            if prior == "gaussian":
+                prior_score = (x0hat - xl) / sigma**2
+            else:
+                denoised = run.predict_at(a_prior * xl, t_prior.expand(batch)).x0
+                prior_score = (x - xl) / sigma**2 + (denoised - xl) / prior_sigma**2
+            score = -problem.data_grad(xl) / tau**2 + prior_score
+            if mc == "langevin":
+                xl = xl + ell * score + math.sqrt(2 * ell) * zs[:, k]
+            else:
+                velocity = momentum * velocity + math.sqrt(ell) * score + math.sqrt(2 * (1 - momentum)) * zs[:, k]
+                xl = xl + math.sqrt(ell) * velocity
         # 3. re-noise
         if sig[i + 1] > 0:
             x = xl + float(sig[i + 1]) * run.noise.normal(run.sample_shape, step=i, sub=1, dtype=run.dtype)
