@@ -140,8 +140,8 @@ def _langevin_stage(mc: str, ell: float, precision: torch.Tensor, steps: int, mo
     return a0, s00
 
 
-# the "exact" prior at ℓ = 2e-3 (the cap 1/(1/τ² + 1/σ²) at the last σ): at 5e-4 its chain moves the unobserved
-# coordinates by ℓPK ≈ 0.1 of the way, too little for the test to see the prior term's pull
+# the "exact" prior at ℓ = 2e-3 (capped at 1/(1/τ² + 1/σ² + 1/σ_min²)) and σ_min = 0.1: at 5e-4 its chain moves the
+# unobserved coordinates by ℓPK ≈ 0.1 of the way, too little for the test to see the prior term's pull
 @pytest.mark.parametrize("mc,prior,lr", [("langevin", "gaussian", 5e-4), ("hmc", "gaussian", 5e-4),
                                          ("langevin", "exact", 2e-3)])
 def test_daps_follows_its_closed_form_recursion_on_a_gaussian_prior(mc, prior, lr):
@@ -163,7 +163,7 @@ def test_daps_follows_its_closed_form_recursion_on_a_gaussian_prior(mc, prior, l
     def edm_sigmas(hi, lo, n, rho=7.0):  # n points from hi to lo, uniform in σ^(1/ρ)
         return [(hi ** (1 / rho) + k / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for k in range(n)]
 
-    n, tau, steps, ode_steps, langevin, prior_sigma = 4000, SIGMA_Y, 50, 2, 50, 0.02
+    n, tau, steps, ode_steps, langevin, prior_sigma = 4000, SIGMA_Y, 50, 2, 50, 0.1
     schedule = VPLinear()
     mu = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64)
     s = torch.tensor([0.5, 0.8, 0.3, 1.0], dtype=torch.float64)
@@ -190,7 +190,7 @@ def test_daps_follows_its_closed_form_recursion_on_a_gaussian_prior(mc, prior, l
         ode = torch.ones_like(mu)  # x̂0 − μ = ode · (x_σ − μ)
         for a, b in zip(inner[:-1], inner[1:]):
             ode = ode * (s2 / (s2 + a**2) if b == 0 else 1 + (b - a) / a * a**2 / (s2 + a**2))
-        ell = min(lr, 1.0 / (1.0 / tau**2 + 1.0 / sigma**2))
+        ell = min(lr, 1.0 / (1.0 / tau**2 + 1.0 / sigma**2 + (1.0 / prior_sigma**2 if prior == "exact" else 0.0)))
         data = mask * (y - mu) / tau**2
         if prior == "gaussian":  # target mean (x̂0/σ² + m y/τ²)/P in x − μ units
             precision = 1.0 / sigma**2 + mask / tau**2

@@ -30,7 +30,8 @@ Choices and differences from the official code (zhangbingliang2019/DAPS), on pur
 - the data term is the likelihood's own: τ defaults to σ_y, so that DAPS samples p(x_0 | y) (on the GMM
   oracle against its exact posterior). The official code uses loss ‖A(x) − y‖²/τ² (no ½) with τ = 0.01 for
   σ_y = 0.05: a likelihood of std τ/√2 = 0.0071. The task presets (:mod:`.tasks`) set that value.
-- the step is capped at ℓ ≤ 1/L with L = ‖A‖² max(w)/τ² + 1/σ_i² (linear operators; ‖A‖² by power
+- the step is capped at ℓ ≤ 1/L with L = ‖A‖² max(w)/τ² + 1/σ_i² (+ 1/σ_min² with ``prior="exact"``; linear
+  operators; ‖A‖² by power
   iteration once per operator): unadjusted Langevin diverges for ℓ·L > 2, and the official SR setting
   (ℓ = 1e-4, L = 2·10⁴) sits exactly at that edge. ℓ = 1/L moves the stiff measured components to their
   conditional mean in one step.
@@ -160,7 +161,8 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
         sigma = float(sig[i])
         ell = lr * (1.0 + i / steps * (lr_min_ratio - 1.0))
         if lip is not None:
-            ell = min(ell, 1.0 / (lip + 1.0 / sigma**2))
+            # the exact prior's score (D(x, σ_min) − x)/σ_min² adds up to 1/σ_min² (the denoiser's Jacobian is ≤ 1)
+            ell = min(ell, 1.0 / (lip + 1.0 / sigma**2 + (1.0 / prior_sigma**2 if prior == "exact" else 0.0)))
         if langevin_steps > 0:
             zs = run.noise.normal((langevin_steps, *run.sample_shape), step=i, sub=0, dtype=run.dtype)
         xl = x0hat
