@@ -21,7 +21,7 @@ step and m = ``momentum``), and ``prior="exact"`` (the prior term of p(x_0 | x_{
 at σ = ``prior_sigma_min`` instead of the Gaussian N(x̂0, σ_i²): s(x) = data term + (x_{σ_i} − x)/σ_i² +
 (D(x, σ_min) − x)/σ_min², one network evaluation per Langevin step, counted in NFE). Neither is a preset
 default (training digits, DAPS-100, benchmarks/RESULTS.md): HMC loses on 7 of 9 tasks (up to 8 dB on the
-blurs); the exact prior gains 0.8–2.3 dB on inpainting, SR and the blurs but costs 51× the NFE (5100
+blurs); the exact prior gains 0.8–2.3 dB on inpainting, SR, the blurs and MRI but costs 51× the NFE (5100
 per restoration for DAPS-100) and fails on denoising (13.5 against 22.9 dB).
 
 Presets: ``daps`` = ``daps_1k`` (200 annealing × 5 ODE steps = 1000 NFE) and ``daps_100`` (50 × 2 = 100 NFE),
