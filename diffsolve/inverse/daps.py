@@ -137,8 +137,12 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
     a_inner = schedule.alpha(t_inner).numpy()
     device = run.noise.device
     t_dev = t_inner.to(device=device, dtype=run.dtype)
+    # the exact prior's score (D(x, σ_min) − x)/σ_min² adds up to 1/σ_min² to the step's stiffness (the
+    # denoiser's Jacobian is ≤ 1)
+    prior_stiffness = 0.0
     if prior == "exact":  # the network's denoiser at σ_min: D(x, σ) = x̂0 of α·x at the t where σ_t/α_t = σ
         prior_sigma = max(float(prior_sigma_min), ve_min)
+        prior_stiffness = 1.0 / prior_sigma**2
         t_prior = _times(schedule, np.array([prior_sigma]))
         a_prior = float(schedule.alpha(t_prior))
         t_prior = t_prior.to(device=device, dtype=run.dtype)
@@ -163,8 +167,7 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
         sigma = float(sig[i])
         ell = lr * (1.0 + i / steps * (lr_min_ratio - 1.0))
         if lip is not None:
-            # the exact prior's score (D(x, σ_min) − x)/σ_min² adds up to 1/σ_min² (the denoiser's Jacobian is ≤ 1)
-            ell = min(ell, 1.0 / (lip + 1.0 / sigma**2 + (1.0 / prior_sigma**2 if prior == "exact" else 0.0)))
+            ell = min(ell, 1.0 / (lip + 1.0 / sigma**2 + prior_stiffness))
         if langevin_steps > 0:
             zs = run.noise.normal((langevin_steps, *run.sample_shape), step=i, sub=0, dtype=run.dtype)
         xl = x0hat
@@ -175,7 +178,7 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
                 prior_score = (x0hat - xl) / sigma**2
             else:
                 denoised = run.predict_at(a_prior * xl, t_prior.expand(batch)).x0
-                prior_score = (x - xl) / sigma**2 + (denoised - xl) / prior_sigma**2
+                prior_score = (x - xl) / sigma**2 + (denoised - xl) * prior_stiffness
             score = -problem.data_grad(xl) / tau**2 + prior_score
             if mc == "langevin":
                 xl = xl + ell * score + math.sqrt(2 * ell) * zs[:, k]
