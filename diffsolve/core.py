@@ -86,9 +86,11 @@ class SeededNoise:
         return len(self.seeds)
 
     def normal(self, shape: Sequence[int], step: int | Tensor = -1, sub: int = 0,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+               dtype: torch.dtype = torch.float32, offset: int = 0) -> Tensor:
         """Noise of shape ``(batch, *shape)``. ``step`` may be an int64 tensor of shape (batch,): sample k then
-        draws stream (step[k], sub), bitwise what ``normal(shape, step=int(step[k]), sub)`` gives it."""
+        draws stream (step[k], sub), bitwise what ``normal(shape, step=int(step[k]), sub)`` gives it.
+        ``offset`` starts at that element of the stream, so a long draw can be taken in pieces: row j of
+        ``normal((L, *shape))`` is bitwise ``normal(shape, offset=j * prod(shape))``."""
         n = math.prod(shape)
         if isinstance(step, Tensor):  # int64 arithmetic wraps like the Python value taken mod 2^64
             step_key = (step.to(device=self.device, dtype=torch.int64).reshape(-1) + 2) * _GOLDEN
@@ -96,7 +98,7 @@ class SeededNoise:
             step_key = _signed((step + 2) * _GOLDEN)
         key = splitmix64_mix(self._keys + step_key)
         key = splitmix64_mix(key + _signed((sub + 1) * _GOLDEN))
-        idx = torch.arange(1, n + 1, dtype=torch.int64, device=self.device)
+        idx = torch.arange(offset + 1, offset + n + 1, dtype=torch.int64, device=self.device)
         z = splitmix64_mix(key[:, None] + idx[None, :] * _GOLDEN)
         u = (_shift_right(z, 11).to(torch.float64) + 0.5) * 2.0**-53  # uniform in (0, 1)
         out = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)

@@ -178,10 +178,10 @@ class _GeneratorNoise:
     def __len__(self) -> int:
         return self.batch
 
-    def normal(self, shape, step=-1, sub=0, dtype=torch.float32):
+    def normal(self, shape, step=-1, sub=0, dtype=torch.float32, offset=0):
         if self.noise is None:
             self.noise = SeededNoise(self.state.draw_seeds(self.batch), device=self.device)
-        return self.noise.normal(shape, step=step, sub=sub, dtype=dtype)
+        return self.noise.normal(shape, step=step, sub=sub, dtype=dtype, offset=offset)
 
 
 def _diffusers_class_of(config: dict) -> str | None:

@@ -30,6 +30,16 @@ def test_seeded_noise_is_per_sample():
             assert not torch.allclose(draws[i], draws[j])
 
 
+def test_seeded_noise_drawn_in_pieces_equals_one_draw():
+    """DAPS draws its Langevin noise one step at a time with ``offset``: bitwise the rows of one long draw, so
+    taking it in pieces changes memory, not samples."""
+    noise = SeededNoise([5, 1 << 40])
+    whole = noise.normal((4, 3, 5), step=2, sub=0)
+    for j in range(4):
+        assert torch.equal(noise.normal((3, 5), step=2, sub=0, offset=j * 15), whole[:, j])
+    assert not torch.equal(noise.normal((3, 5), step=2, sub=0, offset=1), whole[:, 0])
+
+
 def test_seeded_noise_is_standard_normal():
     z = SeededNoise(range(256)).normal((256,), step=3).double().flatten()
     n = z.numel()

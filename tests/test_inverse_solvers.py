@@ -182,9 +182,9 @@ def _poisson_case(gmm):
     noise = PoissonNoise(20.0)
     y = measure(op, gmm.sample_x0(4, seed=2).clamp(-1, 1), noise, seed=3)
     # the likelihood's Gaussian approximation (PoissonNoise's docstring), written out: var_i = (high − low)
-    # (y_i − low)/rate floored at one count, relative to σ_y² = their mean (over the batch, as Problem.sigma_y)
+    # (y_i − low)/rate floored at one count, relative to σ_y² = their mean over the sample (Problem.sigma_y)
     var = (2.0 * (y + 1.0) / 20.0).clamp_min(4.0 / 400.0)
-    weights = var.mean() / var
+    weights = var.mean(1, keepdim=True) / var
     assert float(weights.max() / weights.min()) > 10
     return op, A, y, noise, weights
 
@@ -200,7 +200,7 @@ def _last_state(model, op, y, noise, method, steps, **options):
 def test_dds_solves_the_poisson_weighted_normal_equations(gmm):
     """DDS's last step returns the data-consistent x̂0*; with as many CG steps as unknowns that is the exact
     solution of the weighted system (I + γ Aᵀ W A) x = x̂0 + γ Aᵀ W y, W the Poisson inverse-variance weights
-    relative to σ_y² and γ = r²/σ_y² (r² = s²/(1 + s²), s = σ/α at the last model time), here solved with
+    relative to each sample's σ_y² and γ = r²/σ_y² (r² = s²/(1 + s²), s = σ/α at the last model time), solved with
     torch.linalg.solve from x̂0 of the oracle; the unweighted system's solution is far from it."""
     model = gmm.as_model()
     op, A, y, noise, weights = _poisson_case(gmm)
@@ -208,11 +208,11 @@ def test_dds_solves_the_poisson_weighted_normal_equations(gmm):
     schedule = model.schedule
     alpha, sigma = (float(c(torch.tensor(t, dtype=torch.float64))) for c in (schedule.alpha, schedule.sigma))
     x0 = gmm.x0_mean(x, t)
-    sigma_y2 = float((2.0 * (y + 1.0) / 20.0).clamp_min(4.0 / 400.0).mean())
+    sigma_y2 = (2.0 * (y + 1.0) / 20.0).clamp_min(4.0 / 400.0).mean(1, keepdim=True)
     gamma = (sigma / alpha) ** 2 / (1 + (sigma / alpha) ** 2) / sigma_y2
 
     def exact(w):
-        lhs = torch.eye(6, dtype=torch.float64) + gamma * A.T @ (w[:, :, None] * A)
+        lhs = torch.eye(6, dtype=torch.float64) + gamma[:, :, None] * (A.T @ (w[:, :, None] * A))
         return torch.linalg.solve(lhs, x0 + gamma * ((w * y) @ A))
 
     weighted, unweighted = exact(weights), exact(torch.ones_like(weights))
@@ -237,6 +237,20 @@ def test_dps_steps_along_the_poisson_whitened_residual(gmm):
     weighted, unweighted = step(weights), step(torch.ones_like(weights))
     assert (out - weighted).abs().max() <= 1e-8 * weighted.abs().max()
     assert (out - unweighted).abs().max() >= 1e-3 * weighted.abs().max()
+
+
+@pytest.mark.parametrize("method,options", [("dds", dict(steps=6)), ("dds", dict(steps=6, gamma=2.0)),
+                                            ("dps", dict(steps=6, zeta=0.3)), ("daps_100", dict(steps=3)),
+                                            ("daps_100", dict(steps=3, tau=0.2))])
+def test_poisson_runs_do_not_depend_on_the_rest_of_the_batch(gmm, method, options):
+    """Under Poisson noise each sample's σ_y, weights and (DAPS) Langevin step come from its own measurement:
+    a sample solved in a batch equals it solved alone (the same seed), whatever the other measurements are."""
+    model = gmm.as_model()
+    op, A, y, noise, weights = _poisson_case(gmm)
+    batch = solve(model, op, y, method, noise=noise, seeds=[10, 11, 12, 13], **options)
+    for k in (0, 3):
+        alone = solve(model, op, y[k:k + 1], method, noise=noise, seeds=[10 + k], **options)
+        assert (batch[k] - alone[0]).abs().max() <= 1e-12 * alone.abs().max()
 
 
 def test_non_finite_chain_raises(gmm):

@@ -49,7 +49,7 @@ import math
 import numpy as np
 import torch
 
-from .registry import check_number, register_solver
+from .registry import check_number, per_sample, register_solver
 
 
 #: ``mc`` values: unadjusted Langevin (the paper's) and the official code's damped HMC
@@ -114,7 +114,7 @@ def _validate(options, problem) -> None:
         raise ValueError(f"prior: expected one of {list(PRIORS)}, got {options['prior']!r}")
     if not options["sigma_max"] > options["sigma_min"]:
         raise ValueError(f"sigma_max must exceed sigma_min, got {options['sigma_max']} and {options['sigma_min']}")
-    if options["tau"] is None and problem.sigma_y == 0:
+    if options["tau"] is None and problem.noiseless:
         raise ValueError("tau: the measurement is noiseless (sigma_y = 0), so DAPS needs an explicit likelihood "
                          "width tau > 0 (the official code uses 0.01 on [-1, 1] images)")
 
@@ -147,13 +147,17 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
         a_prior = float(schedule.alpha(t_prior))
         t_prior = t_prior.to(device=device, dtype=run.dtype)
 
-    tau = problem.sigma_y if tau is None else float(tau)
-    w_max = 1.0 if problem.weight is None else float(problem.weight.max())
+    # under Poisson noise τ and the largest weight are per sample (shape (batch, 1, …)): so are lip and ℓ
+    ndim = 1 + len(run.sample_shape)
+    tau = per_sample(problem.sigma_y, ndim) if tau is None else float(tau)
+    w_max = 1.0 if problem.weight is None else per_sample(problem.weight.flatten(1).amax(1), ndim)
     lip = problem.operator.lipschitz() * w_max / tau**2 if problem.operator.linear else None
     if lr is None:
         lr = 1.0 / lip
+    root = torch.sqrt if isinstance(lip, torch.Tensor) else math.sqrt
 
     batch = len(run.noise)
+    sample_size = math.prod(run.sample_shape)
     x = float(sig[0]) * run.noise.normal(run.sample_shape, step=-1, dtype=run.dtype)
     for i in run.steps("daps"):
         # 1. x̂0 by the Euler PF-ODE dx/dσ = (x − D(x, σ))/σ from σ_i to 0
@@ -167,13 +171,14 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
         sigma = float(sig[i])
         ell = lr * (1.0 + i / steps * (lr_min_ratio - 1.0))
         if lip is not None:
-            ell = min(ell, 1.0 / (lip + 1.0 / sigma**2 + prior_stiffness))
-        if langevin_steps > 0:
-            zs = run.noise.normal((langevin_steps, *run.sample_shape), step=i, sub=0, dtype=run.dtype)
+            cap = 1.0 / (lip + 1.0 / sigma**2 + prior_stiffness)
+            ell = torch.minimum(cap, torch.as_tensor(ell).to(cap)) if isinstance(cap, torch.Tensor) else min(ell, cap)
         xl = x0hat
         if mc == "hmc":
             velocity = run.noise.normal(run.sample_shape, step=i, sub=2, dtype=run.dtype)
         for k in range(langevin_steps):
+            # one Langevin step's noise at a time (all of them at once is 100 images per sample at 256²)
+            z = run.noise.normal(run.sample_shape, step=i, sub=0, dtype=run.dtype, offset=k * sample_size)
             if prior == "gaussian":
                 prior_score = (x0hat - xl) / sigma**2
             else:
@@ -181,10 +186,10 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
                 prior_score = (x - xl) / sigma**2 + (denoised - xl) * prior_stiffness
             score = -problem.data_grad(xl) / tau**2 + prior_score
             if mc == "langevin":
-                xl = xl + ell * score + math.sqrt(2 * ell) * zs[:, k]
+                xl = xl + ell * score + root(2 * ell) * z
             else:
-                velocity = momentum * velocity + math.sqrt(ell) * score + math.sqrt(2 * (1 - momentum)) * zs[:, k]
-                xl = xl + math.sqrt(ell) * velocity
+                velocity = momentum * velocity + root(ell) * score + math.sqrt(2 * (1 - momentum)) * z
+                xl = xl + root(ell) * velocity
         # 3. re-noise
         if sig[i + 1] > 0:
             x = xl + float(sig[i + 1]) * run.noise.normal(run.sample_shape, step=i, sub=1, dtype=run.dtype)

@@ -44,7 +44,7 @@ import math
 import torch
 
 from .cg import conjugate_gradient
-from .registry import check_number, register_solver
+from .registry import check_number, per_sample, register_solver
 from .solve import initial_noise
 
 
@@ -56,8 +56,9 @@ def _validate(options, problem) -> None:
         raise ValueError(f"clip_x0: expected True or False, got {options['clip_x0']!r}")
 
 
-def data_consistency(problem, x0: torch.Tensor, gamma: float, cg_steps: int) -> torch.Tensor:
-    """M CG steps on the DDS data-consistency problem around x0 (γ = ∞: the noiseless form)."""
+def data_consistency(problem, x0: torch.Tensor, gamma: float | torch.Tensor, cg_steps: int) -> torch.Tensor:
+    """M CG steps on the DDS data-consistency problem around x0 (γ = ∞: the noiseless form; a tensor γ is one
+    per sample, shaped to broadcast against x0)."""
     op, w = problem.operator, problem.weight
 
     def normal(v):
@@ -65,10 +66,11 @@ def data_consistency(problem, x0: torch.Tensor, gamma: float, cg_steps: int) -> 
         return op.A_adjoint(r if w is None else w * r)
 
     rhs = op.A_adjoint(problem.y if w is None else w * problem.y)
-    if math.isinf(gamma):
-        return conjugate_gradient(normal, rhs, x0, iters=cg_steps)
-    if gamma == 0:
-        return x0
+    if not isinstance(gamma, torch.Tensor):
+        if math.isinf(gamma):
+            return conjugate_gradient(normal, rhs, x0, iters=cg_steps)
+        if gamma == 0:
+            return x0
     return conjugate_gradient(lambda v: v + gamma * normal(v), x0 + gamma * rhs, x0, iters=cg_steps)
 
 
@@ -83,7 +85,7 @@ def dds(run, problem, *, gamma: float | None = None, cg_steps: int = 5, eta: flo
         x0 = pred.x0.clamp(-1.0, 1.0) if clip_x0 else pred.x0
         if gamma is None:
             s2 = (g.sigma[i] / g.alpha[i]) ** 2
-            gi = s2 / (1 + s2) / problem.sigma_y**2 if problem.sigma_y > 0 else math.inf
+            gi = math.inf if problem.noiseless else s2 / (1 + s2) / per_sample(problem.sigma_y, x.ndim) ** 2
         else:
             gi = float(gamma)
         x0 = data_consistency(problem, x0, gi, int(cg_steps)).to(x.dtype)

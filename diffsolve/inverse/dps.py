@@ -16,7 +16,8 @@ Differences from the official code (DPS2022/diffusion-posterior-sampling), on pu
   the gradient through clipped pixels, and it is wrong for data not in [−1, 1], such as the Gaussian-mixture
   oracle). With clipping, ε̂ is recomputed from the clipped x̂0 so the ancestral step is the DDPM posterior
   mean at the clipped x̂0, as in the official code.
-- Poisson noise: the residual is whitened by the per-element std relative to σ_y (see ``PoissonNoise``)
+- Poisson noise: the residual is whitened by the per-element std relative to the sample's σ_y (the RMS of its
+  stds, so ζ keeps its Gaussian meaning and no sample depends on another; see ``PoissonNoise``)
   instead of the official ``‖r‖/|y|`` averaged over elements.
 
 ``checkpointing=True`` stores only each UNet block's inputs during the forward pass of the gradient and

@@ -68,7 +68,8 @@ class PoissonNoise:
     values above ``high``, such as Fourier magnitudes, keep their information.) Real measurements only.
 
     Solvers use the Gaussian approximation of the likelihood with per-element variance
-    (high − low) · (y − low)/rate, floored at one count, (high − low)²/rate²."""
+    (high − low) · (y − low)/rate, floored at one count, (high − low)²/rate², and as σ_y of each sample the
+    RMS of its own per-element stds (never a batch statistic: a sample's run depends on its measurement alone)."""
 
     def __init__(self, rate: float, *, low: float = -1.0, high: float = 1.0):
         if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not math.isfinite(rate) \

@@ -22,6 +22,12 @@ from .operators import Operator
 Tensor = torch.Tensor
 
 
+def per_sample(value: float | Tensor, ndim: int) -> float | Tensor:
+    """A number as it is; a per-sample value of shape (batch,) shaped to broadcast against ``ndim``-dimensional
+    batches."""
+    return value.reshape(-1, *[1] * (ndim - 1)) if isinstance(value, Tensor) else value
+
+
 @dataclass
 class Problem:
     """What a solver needs to know about the measurement y = A(x) + n."""
@@ -29,10 +35,15 @@ class Problem:
     operator: Operator
     y: Tensor
     noise: GaussianNoise | PoissonNoise
-    #: the likelihood's σ_y: the noise's σ (Gaussian) or the RMS of the per-element stds (Poisson)
-    sigma_y: float
+    #: the likelihood's σ_y: the noise's σ (Gaussian), or per sample, shape (batch,), the RMS of that sample's
+    #: per-element stds (Poisson: so that sample k's run depends on its own measurement alone)
+    sigma_y: float | Tensor
     #: per-element relative inverse variance σ_y²/σ_i² (Poisson); None for Gaussian noise (all 1)
     weight: Tensor | None = None
+
+    @property
+    def noiseless(self) -> bool:
+        return not isinstance(self.sigma_y, Tensor) and self.sigma_y == 0
 
     def residual(self, x0: Tensor) -> Tensor:
         """y − A(x0), whitened relative to σ_y (multiplied by √weight) under Poisson noise."""

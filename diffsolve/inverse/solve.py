@@ -14,7 +14,7 @@ from ..model import DiffusionModel
 from .noise import PoissonNoise, as_noise
 from .operators import Operator
 from .operators.base import image_resize_hint
-from .registry import Problem, SolverSpec, get_solver
+from .registry import Problem, SolverSpec, get_solver, per_sample
 
 Tensor = torch.Tensor
 
@@ -153,9 +153,9 @@ def solve(
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
     y = y.to(device=device, dtype=complex_dtype if y.is_complex() else dtype)
     if isinstance(noise, PoissonNoise):
-        std = noise.std(y)
-        sigma_y = float((std**2).mean().sqrt())
-        weight = sigma_y**2 / std**2
+        var = noise.std(y) ** 2
+        sigma_y = var.flatten(1).mean(1).sqrt()
+        weight = per_sample(sigma_y, var.ndim) ** 2 / var
     else:
         sigma_y, weight = noise.sigma, None
     problem = Problem(operator, y, noise, sigma_y, weight)
