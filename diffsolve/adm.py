@@ -469,9 +469,12 @@ def load_adm(path: str | Path, preset: str | None = None, *, prediction: str | N
     from .model import DiffusionModel
     from .schedules import DiscreteVP
 
-    unet, scheduler, _ = convert_adm(read_state_dict(path), preset, **settings)
-    if device is not None or dtype is not None:
-        unet = unet.to(device=device, dtype=dtype)
+    state = read_state_dict(path)
+    if dtype is not None:  # cast before assigning: diffusers' .to(dtype) logs a float32-modules warning for any model
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    unet, scheduler, _ = convert_adm(state, preset, **settings)
+    if device is not None:
+        unet = unet.to(device=device)
     schedule = DiscreteVP.from_config(scheduler.config)
     return DiffusionModel(unet, schedule, prediction or "epsilon")
 

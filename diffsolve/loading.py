@@ -41,7 +41,7 @@ def _scheduler_config(scheduler_config) -> dict:
     return dict(getattr(scheduler_config, "config", scheduler_config))
 
 
-def _load_unet(folder: Path, subfolder: str | None):
+def _load_unet(folder: Path, subfolder: str | None, dtype: torch.dtype | None = None):
     import diffusers
 
     config_path = folder / (subfolder or "") / "config.json"
@@ -56,6 +56,8 @@ def _load_unet(folder: Path, subfolder: str | None):
                                 "only; convert .bin weights with diffusers' save_pretrained(safe_serialization=True))")
     cls = getattr(diffusers, class_name)
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    if dtype is not None:  # diffusers' own cast (it keeps a model's float32-only modules; a later .to() warns)
+        kwargs["torch_dtype"] = dtype
     return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False, **kwargs)
 
 
@@ -123,7 +125,7 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
             schedule = DiscreteVP.from_config(config)
             return load_text_pipeline(folder, index, schedule, prediction or schedule.prediction_type or "epsilon",
                                       device=device, dtype=dtype)
-        unet = _load_unet(folder, "unet")
+        unet = _load_unet(folder, "unet", dtype)
     elif (folder / "config.json").is_file():
         if scheduler_config is None:
             if not (folder / "scheduler_config.json").is_file():
@@ -131,16 +133,14 @@ def load_model(source: str | Path, *, scheduler_config=None, prediction: str | N
                                  "a diffusers scheduler, or a path to scheduler_config.json; on the command line "
                                  "--scheduler-config)")
             scheduler_config = folder
-        unet = _load_unet(folder, None)
+        unet = _load_unet(folder, None, dtype)
         config = _scheduler_config(scheduler_config)
     else:
         raise FileNotFoundError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a UNet "
                                 "folder (config.json)")
 
     unet = unet.eval().requires_grad_(False)
-    # only what is asked for: diffusers warns about float32 modules whenever `dtype` is passed, even as None
-    moves = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
-    if moves:
-        unet = unet.to(**moves)
+    if device is not None:  # the device only: diffusers warns about float32 modules whenever `dtype` is passed
+        unet = unet.to(device=device)
     schedule = DiscreteVP.from_config(config)
     return DiffusionModel(unet, schedule, prediction or schedule.prediction_type or "epsilon")

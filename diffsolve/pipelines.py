@@ -217,21 +217,25 @@ def load_text_pipeline(folder: Path, index: dict, schedule: NoiseSchedule, predi
 
     for part in ("unet", "vae", "text_encoder"):
         _require_safetensors(folder / part)
+    # dtype goes to from_pretrained (which keeps a model's float32-only modules; a later .to(dtype) warns);
+    # transformers takes the same torch_dtype keyword from 4.x on
+    cast = {} if dtype is None else {"torch_dtype": dtype}
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True,
-                                                          low_cpu_mem_usage=False)
-    vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, low_cpu_mem_usage=False)
+                                                          low_cpu_mem_usage=False, **cast)
+    vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, low_cpu_mem_usage=False,
+                                                  **cast)
     te_cls_name = _class_name(index, "text_encoder")
     te_cls = getattr(transformers, te_cls_name, None)
     if te_cls is None:
         raise ValueError(f"{folder}: text_encoder class {te_cls_name!r} is not in transformers")
-    text_encoder = te_cls.from_pretrained(folder / "text_encoder", use_safetensors=True)
+    text_encoder = te_cls.from_pretrained(folder / "text_encoder", use_safetensors=True, **cast)
     tok_cls = getattr(transformers, _class_name(index, "tokenizer"), None) or transformers.AutoTokenizer
     tokenizer = tok_cls.from_pretrained(folder / "tokenizer")
     modules = [unet.eval().requires_grad_(False), vae.eval().requires_grad_(False),
                text_encoder.eval().requires_grad_(False)]
-    if device is not None or dtype is not None:
+    if device is not None:
         for m in modules:
-            m.to(device=device, dtype=dtype)
+            m.to(device=device)
     return TextToImageModel(unet, schedule, prediction, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 

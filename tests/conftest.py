@@ -1,3 +1,5 @@
+import contextlib
+import logging
 import os
 
 # Tests never touch the network: huggingface_hub reads this at import time.
@@ -18,6 +20,21 @@ def make_tiny_unet(seed: int = 0, num_class_embeds: int | None = None, out_chann
         norm_num_groups=8, attention_head_dim=8, num_class_embeds=num_class_embeds,
     )
     return unet.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def diffusers_log():
+    """The messages diffusers logs inside the block. Its logger does not propagate (a caplog or stderr check
+    misses them): a handler on it sees every one."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        diffusers_logger.removeHandler(handler)
 
 
 class CountingNet:

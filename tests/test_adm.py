@@ -20,6 +20,8 @@ from diffsolve import load_model, sample
 from diffsolve.adm import PRESETS, config_from_flags, convert_adm, infer_architecture, mismatch, resolve_config
 from diffsolve.cli import main
 
+from conftest import diffusers_log
+
 guided_unet = pytest.importorskip("guided_diffusion.unet")
 script_util = pytest.importorskip("guided_diffusion.script_util")
 
@@ -173,6 +175,16 @@ def test_load_model_reads_a_checkpoint(tmp_path):
         eps = model(x, dm.schedule.model_time(t).float())[:, :3]
     assert _relative(eps, pred.eps) <= 1e-5
     assert torch.isfinite(sample(dm, "dpm_solver_pp", 2, seeds=[0])).all()
+
+
+def test_half_precision_checkpoint_load_without_diffusers_cast_warning(tmp_path):
+    model = _write_ffhq_like(tmp_path / "adm.pt")
+    with diffusers_log() as messages:
+        dm = load_model(tmp_path / "adm.pt", adm=settings("legacy-headchannels-updown"), dtype=torch.bfloat16)
+    assert not [m for m in messages if "float32" in m], messages
+    full = load_model(tmp_path / "adm.pt", adm=settings("legacy-headchannels-updown"))
+    for (name, p), q in zip(dm.net.state_dict().items(), full.net.state_dict().values()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q.bfloat16()), name
 
 
 def test_class_conditional_checkpoint_takes_labels(tmp_path):

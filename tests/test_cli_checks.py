@@ -19,7 +19,7 @@ from PIL import Image
 
 from diffsolve.cli import build_parser, main
 
-from conftest import make_tiny_unet
+from conftest import diffusers_log, make_tiny_unet
 from test_cli import model_dir  # noqa: F401  (the tiny class-conditional model folder fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -401,20 +401,10 @@ def test_fid_takes_scheduler_config_for_a_unet_folder(unet_only_digit_model, tmp
 # ---- 13: no spurious diffusers warning on --device cpu ------------------------------------------------------
 
 def test_device_cpu_loads_without_the_float32_warning(model_dir, tmp_path):
-    """diffusers logs through its own (non-propagating) logger: a handler on it sees every warning."""
-    import logging
-
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    diffusers_logger = logging.getLogger("diffusers")
-    diffusers_logger.addHandler(handler)
-    try:
+    with diffusers_log() as messages:
         assert main(["sample", "--model", str(model_dir), "--device", "cpu", "--steps", "1", "--num", "1", "--out",
                      str(tmp_path / "x.png"), "--quiet"]) == 0
-    finally:
-        diffusers_logger.removeHandler(handler)
-    assert not [r for r in records if "kept in float32" in r.getMessage()]
+    assert not [m for m in messages if "kept in float32" in m]
 
 
 # ---- 7: examples never overwrite shipped (or any existing) files ------------------------------------------

@@ -8,7 +8,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from diffsolve import load_model, sample
 
-from conftest import make_tiny_unet
+from conftest import diffusers_log, make_tiny_unet
 
 
 @pytest.fixture
@@ -31,6 +31,21 @@ def test_pipeline_folder(pipeline_dir):
     x = sample(model, "dpm_solver_pp", 3, seeds=[0, 1])
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
     assert load_model(folder, prediction="epsilon").prediction == "epsilon"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_through_diffusers_without_its_cast_warning(pipeline_dir, dtype):
+    """dtype= goes to diffusers' from_pretrained (which keeps a model's float32-only modules), not to a later
+    .to(dtype), which logs "should be kept in float32" even when there are none; the weights are the float32
+    ones rounded, in a pipeline folder and in a UNet folder alike."""
+    folder, unet, scheduler = pipeline_dir
+    for source, kw in ((folder, {}), (folder / "unet", {"scheduler_config": scheduler.config})):
+        with diffusers_log() as messages:
+            model = load_model(source, dtype=dtype, device="cpu", **kw)
+        assert not [m for m in messages if "float32" in m], messages
+        assert model.dtype == dtype
+        for (name, p), q in zip(model.net.state_dict().items(), unet.state_dict().values()):
+            assert p.dtype == dtype and torch.equal(p, q.to(dtype)), name
 
 
 def test_unet_folder_with_scheduler_config(pipeline_dir, tmp_path):
