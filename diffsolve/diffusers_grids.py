@@ -140,8 +140,10 @@ def diffusers_grid(schedule: DiscreteVP, steps: int, rules: str, config: dict) -
     if not 1 <= steps <= n_train:
         raise ValueError(f"steps: expected 1 … {n_train} (the training timesteps), got {steps}")
     spacing, offset, flags, final = grid_options(rules, config)
-    ac = schedule.alphas_cumprod.numpy().astype(np.float32)  # diffusers keeps its table in float32
-    table = ((1 - ac) / ac) ** 0.5
+    ac = schedule.alphas_cumprod.to(torch.float32)  # diffusers keeps its table in float32
+    # σ with torch's float32 kernels, as diffusers computes it: numpy's float32 power can differ in the last bit
+    # (by CPU), and the truncated timesteps of exponential and beta grids see that bit at σ_max
+    table = (((1 - ac) / ac) ** 0.5).numpy()
     log_sigmas = np.log(table)
     if flags:
         kind = SIGMA_GRIDS[flags[0]]

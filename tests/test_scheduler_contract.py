@@ -123,6 +123,22 @@ def test_timesteps_for_every_spacing(rules, spacing):
         assert ours.timesteps.tolist() == theirs.timesteps.tolist(), (steps, spacing)
 
 
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("flag", ["use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_sigma_grid_timesteps_for_every_step_count(flag, beta_schedule):
+    """The network's integer timesteps on diffusers' σ grids are rounded or truncated from fractional ones, so the
+    last bit of diffusers' float32 σ table decides some of them (σ_max's timestep is 999 or 998): the table is
+    computed with torch's float32 kernels as diffusers does (numpy's float32 power differs in that bit on some
+    CPUs, e.g. under ATEN_CPU_CAPABILITY=default, which made 999 a 998). SA-Solver's σ grids are refused
+    (test_zero_length_final_step_of_multistep_solvers_is_a_clear_error)."""
+    theirs = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, final_sigmas_type="zero", **{flag: True})
+    ours = DiffsolveScheduler.from_config(theirs.config, sampler="dpm_solver_pp")
+    for steps in (*range(2, 31), 50, 100, 250):
+        theirs.set_timesteps(steps)
+        ours.set_timesteps(steps)
+        assert ours.timesteps.tolist() == theirs.timesteps.tolist(), steps
+
+
 def test_custom_timesteps_and_sigmas(unet):
     ours = DiffsolveScheduler(sampler="dpm_solver_pp", final_sigmas_type="sigma_min", diffusers_grid="DPMSolverMultistepScheduler")
     theirs = DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
@@ -201,6 +217,24 @@ def test_full_loop_matches_diffusers(unet64, prediction_type, cls, config, sampl
         from diffsolve.schedules import time_grid
 
         assert torch.allclose(time_grid(model.schedule, steps, kind, t_end=0.0), ours.grid, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("cls,config,sampler,options,steps", LOOPS)
+def test_float32_loop_matches_diffusers_within_its_own_round_off(unet, unet64, prediction_type, cls, config, sampler,
+                                                                 options, steps):
+    """The float32 path (network too): within 4× diffusers' own float32 round-off of diffusers' float32 loop, that
+    round-off measured on the same machine as the distance of diffusers' float32 loop from its float64 one
+    (measured ratio 0.61–2.33 over these loops; two errors of one size differ by up to twice that size). The
+    network's kernel round-off, which differs by CPU, sets both sides; a precision loss in the scheduler (model
+    outputs rounded to float16: ≈ 150×) does not hide in it."""
+    theirs = cls(prediction_type=prediction_type, **config)
+    ours = DiffsolveScheduler.from_config(theirs.config, sampler=sampler, sampler_options=options)
+    ref = loop(theirs, unet, X_T, steps)
+    their_round_off = rel(ref, loop(theirs, unet64, X_T64, steps))
+    out = loop(ours, unet, X_T, steps)
+    assert out.dtype == torch.float32
+    assert rel(out, ref) <= 4 * their_round_off, f"{rel(out, ref):.2e} against diffusers' own {their_round_off:.2e}"
 
 
 @pytest.mark.parametrize("skip_prk", [True, False])
