@@ -173,6 +173,7 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
         if lip is not None:
             cap = 1.0 / (lip + 1.0 / sigma**2 + prior_stiffness)
             ell = torch.minimum(cap, torch.as_tensor(ell).to(cap)) if isinstance(cap, torch.Tensor) else min(ell, cap)
+        sqrt_ell, sqrt_2ell = root(ell), root(2 * ell)
         xl = x0hat
         if mc == "hmc":
             velocity = run.noise.normal(run.sample_shape, step=i, sub=2, dtype=run.dtype)
@@ -186,10 +187,10 @@ def daps(run, problem, *, ode_steps: int = 5, langevin_steps: int = 100, lr: flo
                 prior_score = (x - xl) / sigma**2 + (denoised - xl) * prior_stiffness
             score = -problem.data_grad(xl) / tau**2 + prior_score
             if mc == "langevin":
-                xl = xl + ell * score + root(2 * ell) * z
+                xl = xl + ell * score + sqrt_2ell * z
             else:
-                velocity = momentum * velocity + root(ell) * score + math.sqrt(2 * (1 - momentum)) * z
-                xl = xl + root(ell) * velocity
+                velocity = momentum * velocity + sqrt_ell * score + math.sqrt(2 * (1 - momentum)) * z
+                xl = xl + sqrt_ell * velocity
         # 3. re-noise
         if sig[i + 1] > 0:
             x = xl + float(sig[i + 1]) * run.noise.normal(run.sample_shape, step=i, sub=1, dtype=run.dtype)
