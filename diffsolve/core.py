@@ -59,6 +59,12 @@ def splitmix64_mix(z: Tensor) -> Tensor:
     return z ^ _shift_right(z, 31)
 
 
+def per_sample(value: float | Tensor, ndim: int) -> float | Tensor:
+    """A number as it is; a per-sample value of shape (batch,) shaped to broadcast against ``ndim``-dimensional
+    batches."""
+    return value.reshape(-1, *[1] * (ndim - 1)) if isinstance(value, Tensor) else value
+
+
 def batch_seeds(seeds: Sequence[int] | Tensor | None, batch: int, per: str = "sample") -> Tensor:
     """One int64 seed per batch element, 0 … batch−1 by default; a count other than ``batch`` is an error that
     says what each seed is for (``per``: "sample", "measurement")."""

@@ -71,7 +71,7 @@ from diffusers.utils import BaseOutput
 import numpy as np
 
 from .api import _resolve_grid, check_steps
-from .core import Run, SeededNoise, TimeGrid
+from .core import Run, SeededNoise, TimeGrid, per_sample
 from .diffusers_grids import GRID_KEYS, SCHEDULERS, diffusers_grid, grid_options
 from .model import DiffusionModel, Prediction
 from .registry import get_sampler, list_samplers
@@ -526,9 +526,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 k = self._begin_index if self._begin_index is not None else listed.get(float(np.float32(value)))
                 if k is not None and k < len(self._times):
                     t[j] = self._times[k]
-        shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        a = self.schedule.alpha(t).reshape(shape).to(original_samples)
-        s = self.schedule.sigma(t).reshape(shape).to(original_samples)
+        a = per_sample(self.schedule.alpha(t), original_samples.ndim).to(original_samples)
+        s = per_sample(self.schedule.sigma(t), original_samples.ndim).to(original_samples)
         return a * original_samples + s * noise
 
     def __len__(self) -> int:

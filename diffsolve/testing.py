@@ -25,16 +25,12 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from .core import per_sample
 from .model import DiffusionModel
 from .schedules import NoiseSchedule
 
 Tensor = torch.Tensor
 F64 = torch.float64
-
-
-def _col(c: Tensor) -> Tensor:
-    """A scalar or per-sample (B,) coefficient as a column broadcasting against (B, D)."""
-    return c.reshape(-1, 1)
 
 
 def _check_positive(v: Tensor, name: str) -> None:
@@ -170,7 +166,7 @@ class GaussianMixture:
             x64 = x.to(F64)
             if model.prediction == "v":
                 eps, x0 = self.eps_from_alpha_sigma(x64, a, s), self.x0_mean_from_alpha_sigma(x64, a, s)
-                out = _col(a) * eps - _col(s) * x0
+                out = per_sample(a, 2) * eps - per_sample(s, 2) * x0
             else:
                 fn = {"epsilon": self.eps_from_alpha_sigma, "x0": self.x0_mean_from_alpha_sigma,
                       "score": self.score_from_alpha_sigma}[model.prediction]
@@ -194,7 +190,7 @@ class GaussianMixture:
         g = torch.Generator().manual_seed(seed)
         x0 = self._draw_x0(n, g)
         a, s = self._alpha_sigma(t, x0)
-        return _col(a) * x0 + _col(s) * torch.randn(n, self.dim, generator=g, dtype=F64)
+        return per_sample(a, 2) * x0 + per_sample(s, 2) * torch.randn(n, self.dim, generator=g, dtype=F64)
 
     # ---- reference solutions -------------------------------------------------------------------------
     def ode_solution(self, x_T: Tensor, t_start: float, t_end: float) -> Tensor:

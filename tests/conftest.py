@@ -37,6 +37,13 @@ def diffusers_log():
         diffusers_logger.removeHandler(handler)
 
 
+def assert_cast_copy(module, reference, dtype):
+    """Every floating-point tensor of ``module``'s state is ``reference``'s rounded to ``dtype``; others equal."""
+    for (name, p), q in zip(module.state_dict().items(), reference.state_dict().values()):
+        expected = q.to(dtype) if q.is_floating_point() else q
+        assert p.dtype == expected.dtype and torch.equal(p, expected), name
+
+
 class CountingNet:
     """A plain callable that records its calls (to prove errors come before any network call)."""
 

@@ -20,7 +20,7 @@ from diffsolve import load_model, sample
 from diffsolve.adm import PRESETS, config_from_flags, convert_adm, infer_architecture, mismatch, resolve_config
 from diffsolve.cli import main
 
-from conftest import diffusers_log
+from conftest import assert_cast_copy, diffusers_log
 
 guided_unet = pytest.importorskip("guided_diffusion.unet")
 script_util = pytest.importorskip("guided_diffusion.script_util")
@@ -183,8 +183,7 @@ def test_half_precision_checkpoint_load_without_diffusers_cast_warning(tmp_path)
         dm = load_model(tmp_path / "adm.pt", adm=settings("legacy-headchannels-updown"), dtype=torch.bfloat16)
     assert not [m for m in messages if "float32" in m], messages
     full = load_model(tmp_path / "adm.pt", adm=settings("legacy-headchannels-updown"))
-    for (name, p), q in zip(dm.net.state_dict().items(), full.net.state_dict().values()):
-        assert p.dtype == torch.bfloat16 and torch.equal(p, q.bfloat16()), name
+    assert_cast_copy(dm.net, full.net, torch.bfloat16)
 
 
 def test_class_conditional_checkpoint_takes_labels(tmp_path):

@@ -8,7 +8,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from diffsolve import load_model, sample
 
-from conftest import diffusers_log, make_tiny_unet
+from conftest import assert_cast_copy, diffusers_log, make_tiny_unet
 
 
 @pytest.fixture
@@ -44,8 +44,7 @@ def test_half_precision_loads_through_diffusers_without_its_cast_warning(pipelin
             model = load_model(source, dtype=dtype, device="cpu", **kw)
         assert not [m for m in messages if "float32" in m], messages
         assert model.dtype == dtype
-        for (name, p), q in zip(model.net.state_dict().items(), unet.state_dict().values()):
-            assert p.dtype == dtype and torch.equal(p, q.to(dtype)), name
+        assert_cast_copy(model.net, unet, dtype)
 
 
 def test_unet_folder_with_scheduler_config(pipeline_dir, tmp_path):

@@ -16,7 +16,7 @@ from diffsolve import DiffusionModel, TextToImageModel, load_model, sample  # no
 from diffsolve.cli import main  # noqa: E402
 from diffsolve.schedules import DiscreteVP  # noqa: E402
 
-from conftest import CountingNet, diffusers_log, make_tiny_unet  # noqa: E402
+from conftest import CountingNet, assert_cast_copy, diffusers_log, make_tiny_unet  # noqa: E402
 from tiny_sd import LATENT, make_tiny_sd  # noqa: E402
 
 PROMPTS = ["a red cat", "two dogs on grass"]
@@ -65,8 +65,7 @@ def test_half_precision_load_casts_every_part_without_diffusers_cast_warning(sd)
         model = load_model(folder, dtype=torch.bfloat16, device="cpu")
     assert not [m for m in messages if "float32" in m], messages
     for ours, theirs in ((model.net, pipe.unet), (model.vae, pipe.vae), (model.text_encoder, pipe.text_encoder)):
-        for (name, p), q in zip(ours.state_dict().items(), theirs.state_dict().values()):
-            assert not p.is_floating_point() or (p.dtype == torch.bfloat16 and torch.equal(p, q.bfloat16())), name
+        assert_cast_copy(ours, theirs, torch.bfloat16)
 
 
 @pytest.mark.parametrize("guidance_scale,negative", [(7.5, NEGATIVE), (3.0, None), (1.0, None)])

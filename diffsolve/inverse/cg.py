@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ..core import per_sample
+
 Tensor = torch.Tensor
 
 
@@ -26,10 +28,6 @@ def batch_dot(u: Tensor, v: Tensor) -> Tensor:
     """Re⟨u, v⟩ = Re Σ conj(u) v per sample: shape (B,), real."""
     prod = u.conj() * v if u.is_complex() else u * v
     return (prod.real if prod.is_complex() else prod).flatten(1).sum(1)
-
-
-def _col(c: Tensor, x: Tensor) -> Tensor:
-    return c.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 @dataclass
@@ -72,11 +70,11 @@ def conjugate_gradient(apply: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor 
         pap = batch_dot(p, ap)
         active = (pap > 0) & (rr > threshold)
         alpha = torch.where(active, rr / torch.where(active, pap, 1.0), zero)
-        x = x + _col(alpha, x).to(x.dtype) * p
-        r = r - _col(alpha, r).to(r.dtype) * ap
+        x = x + per_sample(alpha, x.ndim).to(x.dtype) * p
+        r = r - per_sample(alpha, r.ndim).to(r.dtype) * ap
         rr_new = batch_dot(r, r)
         beta = torch.where(active & (rr > 0), rr_new / torch.where(rr > 0, rr, 1.0), zero)
-        p = r + _col(beta, p).to(p.dtype) * p
+        p = r + per_sample(beta, p.ndim).to(p.dtype) * p
         rr = torch.where(active, rr_new, rr)
     if return_info:
         return CGResult(x, rr.clamp_min(0).sqrt(), b_norm)

@@ -49,7 +49,8 @@ import math
 import numpy as np
 import torch
 
-from .registry import check_number, per_sample, register_solver
+from ..core import per_sample
+from .registry import check_number, register_solver
 
 
 #: ``mc`` values: unadjusted Langevin (the paper's) and the official code's damped HMC

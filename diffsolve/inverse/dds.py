@@ -44,7 +44,8 @@ import math
 import torch
 
 from .cg import conjugate_gradient
-from .registry import check_number, per_sample, register_solver
+from ..core import per_sample
+from .registry import check_number, register_solver
 from .solve import initial_noise
 
 

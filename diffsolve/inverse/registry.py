@@ -22,12 +22,6 @@ from .operators import Operator
 Tensor = torch.Tensor
 
 
-def per_sample(value: float | Tensor, ndim: int) -> float | Tensor:
-    """A number as it is; a per-sample value of shape (batch,) shaped to broadcast against ``ndim``-dimensional
-    batches."""
-    return value.reshape(-1, *[1] * (ndim - 1)) if isinstance(value, Tensor) else value
-
-
 @dataclass
 class Problem:
     """What a solver needs to know about the measurement y = A(x) + n."""

@@ -9,12 +9,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core import Run, SeededNoise, TimeGrid, batch_seeds, solver_dtype
+from ..core import Run, SeededNoise, TimeGrid, batch_seeds, per_sample, solver_dtype
 from ..model import DiffusionModel
 from .noise import PoissonNoise, as_noise
 from .operators import Operator
 from .operators.base import image_resize_hint
-from .registry import Problem, SolverSpec, get_solver, per_sample
+from .registry import Problem, SolverSpec, get_solver
 
 Tensor = torch.Tensor
 
